@@ -1,0 +1,257 @@
+"""model.py: ResNet-T, LIBERO's BCTransformerPolicy written out in one file (SPEC.md section 2).
+
+Per timestep t the policy makes 5 tokens of size E=64, in this order:
+    [text, joint, gripper, agentview, eye_in_hand]
+a block-causal temporal transformer mixes the tokens of steps <= t, and a GMM head reads the text
+token of each step. One forward pass returns the GMM parameters *and* every latent that M2Distill
+distils (per-camera image tokens, the text token, the joint and gripper tokens).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import ACTION_DIM, CAMERAS, LOW_DIM
+
+
+# ----------------------------------------------------------------------------- the GMM policy
+def gmm_log_prob(means, stds, logits, a):
+    """log pi(a|s) of a mixture of M diagonal Gaussians over the D-d action:
+
+        log pi(a|s) = logsumexp_m [ log w_m + sum_j log N(a_j; mu_mj, sigma_mj) ],  w = softmax(logits)
+
+    means, stds (..., M, D), logits (..., M), a (..., D) -> (...)
+    """
+    log_w = torch.log_softmax(logits, -1)  # (..., M)
+    z = (a.unsqueeze(-2) - means) / stds  # (..., M, D)
+    log_n = (-0.5 * z.pow(2) - stds.log() - 0.5 * math.log(2 * math.pi)).sum(-1)  # (..., M)
+    return torch.logsumexp(log_w + log_n, -1)
+
+
+def gmm_sample(means, stds, logits, n, generator=None):
+    """n samples a ~ pi(.|s): pick a mode m ~ Categorical(w), then a = mu_m + sigma_m * eps.
+
+    means, stds (..., M, D), logits (..., M) -> (n, ..., D)
+    """
+    probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])  # (S, M), S = prod(...)
+    m = torch.multinomial(probs, n, replacement=True, generator=generator).T  # (n, S)
+    m = m.reshape(n, *logits.shape[:-1], 1, 1).expand(n, *means.shape[:-2], 1, means.shape[-1])  # (n, ..., 1, D)
+    mu = means.expand(n, *means.shape).gather(-2, m).squeeze(-2)  # (n, ..., D)
+    sigma = stds.expand(n, *stds.shape).gather(-2, m).squeeze(-2)  # (n, ..., D)
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + sigma * eps
+
+
+class GMMHead(nn.Module):
+    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits."""
+
+    def __init__(self, d_in=64, hidden=1024, modes=5, d_act=ACTION_DIM, min_std=1e-4):
+        super().__init__()
+        self.modes, self.d_act, self.min_std = modes, d_act, min_std
+        self.share = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, hidden))
+        self.mean, self.std = nn.Linear(hidden, d_act * modes), nn.Linear(hidden, d_act * modes)
+        self.logits = nn.Linear(hidden, modes)
+
+    def forward(self, x):  # x (..., 64)
+        h = self.share(x)
+        means = torch.tanh(self.mean(h)).unflatten(-1, (self.modes, self.d_act))  # (..., M, D)
+        stds = (F.softplus(self.std(h)) + self.min_std).unflatten(-1, (self.modes, self.d_act))  # (..., M, D)
+        return means, stds, self.logits(h)  # logits (..., M)
+
+
+# ----------------------------------------------------------------------------- image encoder
+class BasicBlock(nn.Module):
+    """ResNet-18's BasicBlock: two 3x3 convs with batch norm and a (projected) skip."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        skip = x if self.downsample is None else self.downsample(x)
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + skip)
+
+
+class FiLMResNetEncoder(nn.Module):
+    """ResNet-18 through layer2 (not pretrained), FiLM on the task embedding after each BasicBlock,
+    spatial softmax over 32 keypoints, Linear(64 -> E). (N, 3, H, W) in [0, 1] -> (N, E)."""
+
+    def __init__(self, d_lang, img_size=128, d_out=64, n_kp=32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        widths = (64, 64, 128, 128)
+        self.blocks = nn.ModuleList([BasicBlock(64, 64), BasicBlock(64, 64), BasicBlock(64, 128, 2),
+                                     BasicBlock(128, 128)])
+        self.film = nn.ModuleList([nn.Linear(d_lang, 2 * c) for c in widths])
+        self.keypoints = nn.Conv2d(128, n_kp, 1)
+        s = img_size // 8  # feature map side after the stride-2 conv, maxpool and layer2
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+        self.register_buffer("pos", torch.stack([xs.flatten(), ys.flatten()]), persistent=False)  # (2, s*s)
+        self.proj = nn.Linear(2 * n_kp, d_out)
+
+    def forward(self, x, lang):  # x (N, 3, H, W), lang (N, d_lang)
+        h = self.stem(x)
+        for block, film in zip(self.blocks, self.film):
+            h = block(h)
+            beta, gamma = film(lang)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
+            h = (1 + gamma) * h + beta  # FiLM
+        attention = self.keypoints(h).flatten(2).softmax(-1)  # (N, K, s*s)
+        kp = torch.einsum("nks,cs->nck", attention, self.pos).flatten(1)  # (N, 2K): all x, then all y
+        return self.proj(kp)
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _rgb_to_hsv(x):  # (..., 3, H, W) in [0, 1]
+    r, g, b = x.unbind(-3)
+    v, _ = x.max(-3)
+    c = v - x.min(-3).values
+    s = c / v.clamp_min(1e-8)
+    cs = c.clamp_min(1e-8)
+    h = torch.where(v == r, ((g - b) / cs) % 6, torch.where(v == g, (b - r) / cs + 2, (r - g) / cs + 4))
+    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
+    return torch.stack([h, s, v], -3)
+
+
+def _hsv_to_rgb(x):
+    h, s, v = x.unbind(-3)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(3, 1, 1) + h.unsqueeze(-3) * 6) % 6  # (..., 3, H, W)
+    return v.unsqueeze(-3) - (v * s).unsqueeze(-3) * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def augment(x, jitter=0.3, p_jitter=0.9, pad=4, generator=None):
+    """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps:
+    colour jitter (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a
+    random shift (replicate-pad 4 px, random HxW crop). One draw per sample, shared by all V images."""
+    B, V, C, H, W = x.shape
+    u = lambda: (torch.rand(B, 1, 1, 1, 1, generator=generator) * 2 - 1) * jitter  # (B, 1, 1, 1, 1)
+    on = (torch.rand(B, 1, 1, 1, 1, generator=generator) < p_jitter).float()
+    gray = lambda y: (0.299 * y[:, :, :1] + 0.587 * y[:, :, 1:2] + 0.114 * y[:, :, 2:])  # (B, V, 1, H, W)
+    y = (x * (1 + u() * on)).clamp(0, 1)  # brightness
+    m = gray(y).mean((-3, -2, -1), keepdim=True)
+    y = (m + (1 + u() * on) * (y - m)).clamp(0, 1)  # contrast
+    g = gray(y)
+    y = (g + (1 + u() * on) * (y - g)).clamp(0, 1)  # saturation
+    hsv = _rgb_to_hsv(y)
+    hsv = torch.cat([(hsv[:, :, :1] + u() * on) % 1.0, hsv[:, :, 1:]], 2)  # hue
+    y = _hsv_to_rgb(hsv)
+    y = F.pad(y.flatten(1, 2), (pad,) * 4, mode="replicate")  # (B, V*3, H+2p, W+2p)
+    oy, ox = (torch.randint(0, 2 * pad + 1, (2, B), generator=generator))
+    rows = (oy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(W))[:, None, None, :]  # (B, 1, 1, W)
+    y = y[torch.arange(B)[:, None, None, None], torch.arange(V * C)[None, :, None, None], rows, cols]
+    return y.unflatten(1, (V, C))  # (B, V, 3, H, W)
+
+
+# ----------------------------------------------------------------------------- temporal transformer
+def sinusoidal(T, E, inv_freq_factor=10.0):
+    """LIBERO's temporal encoding: (T, E), [sin(t w_i), cos(t w_i)], w_i = factor^(-2i/E)."""
+    w = 1.0 / inv_freq_factor ** (torch.arange(0, E, 2).float() / E)  # (E/2,)
+    tw = torch.arange(T).float()[:, None] * w  # (T, E/2)
+    return torch.cat([tw.sin(), tw.cos()], -1)
+
+
+def block_causal_mask(T, n_tokens):
+    """(T*n, T*n) boolean, True = may attend: a token sees every token of its own and earlier steps."""
+    step = torch.arange(T).repeat_interleave(n_tokens)  # (T*n,)
+    return step[None, :] <= step[:, None]
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm layer: 6 heads of size 64 (qkv without bias), MLP 64 -> 256 -> 64 with GELU,
+    dropout 0.1, and stochastic depth 0.1 on the MLP branch (LIBERO's TransformerDecoder)."""
+
+    def __init__(self, E=64, heads=6, head_size=64, mlp=256, dropout=0.1):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(E), nn.LayerNorm(E)
+        self.qkv = nn.Linear(E, 3 * heads * head_size, bias=False)
+        self.out = nn.Linear(heads * head_size, E)
+        self.mlp = nn.Sequential(nn.Linear(E, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, E),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x, mask):  # x (B, N, E), mask (N, N)
+        q, k, v = self.qkv(self.ln1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (B, h, N, 64)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, 64)
+        x = x + F.dropout(self.out(a.transpose(1, 2).flatten(2)), self.dropout, self.training)
+        h = self.mlp(self.ln2(x))
+        if self.training and self.dropout > 0:  # stochastic depth: drop the whole branch per sample
+            keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.dropout
+            h = h * keep / (1 - self.dropout)
+        return x + h
+
+
+# ----------------------------------------------------------------------------- the policy
+class ResNetT(nn.Module):
+    """ResNet-T (LIBERO's BCTransformerPolicy). `ResNetT(**policy.config)` rebuilds a policy."""
+
+    def __init__(self, d_lang, img_size=128, seq_len=10, E=64, layers=4, modes=5, augment=True):
+        super().__init__()
+        self.config = dict(d_lang=d_lang, img_size=img_size, seq_len=seq_len, E=E, layers=layers, modes=modes,
+                           augment=augment)
+        self.seq_len, self.augment = seq_len, augment
+        self.image_encoders = nn.ModuleDict({c: FiLMResNetEncoder(d_lang, img_size, E) for c in CAMERAS})
+        self.language_encoder = nn.Linear(d_lang, E)
+        self.extra_encoders = nn.ModuleDict({k: nn.Linear(d, E) for k, d in LOW_DIM.items()})
+        self.layers = nn.ModuleList([TransformerLayer(E) for _ in range(layers)])
+        self.head = GMMHead(E, modes=modes)
+        self.register_buffer("pos", sinusoidal(seq_len, E), persistent=False)  # (T_max, E)
+        self.queue = []
+
+    def spatial_encode(self, obs, task_emb):
+        """obs: uint8 images (B, T, H, W, 3) and floats (B, T, d) -> tokens (B, T, 5, E) and the latents."""
+        B, T = obs[CAMERAS[0]].shape[:2]
+        imgs = torch.stack([obs[c] for c in CAMERAS], 1)  # (B, 2, T, H, W, 3) uint8
+        imgs = imgs.flatten(1, 2).permute(0, 1, 4, 2, 3).float().div(255)  # (B, 2T, 3, H, W), NHWC in memory
+        if self.training and self.augment:
+            imgs = augment(imgs)
+        imgs = imgs.unflatten(1, (len(CAMERAS), T))  # (B, 2, T, 3, H, W)
+        lang = task_emb[:, None].expand(B, T, -1).flatten(0, 1)  # (B*T, d_lang) for FiLM
+        lat = {"text": self.language_encoder(task_emb)}  # (B, E)
+        lat.update({k: enc(obs[k]) for k, enc in self.extra_encoders.items()})  # (B, T, E) each
+        for i, (c, enc) in enumerate(self.image_encoders.items()):
+            x = imgs[:, i].flatten(0, 1).contiguous(memory_format=torch.channels_last)  # (B*T, 3, H, W)
+            lat[c] = enc(x, lang).view(B, T, -1)  # (B, T, E)
+        tokens = [lat["text"][:, None].expand(B, T, -1)] + [lat[k] for k in (*LOW_DIM, *CAMERAS)]
+        return torch.stack(tokens, 2), lat  # (B, T, 5, E)
+
+    def temporal_encode(self, tokens):
+        """(B, T, n, E) -> the text token of each step after the block-causal transformer, (B, T, E)."""
+        B, T, n, E = tokens.shape
+        x = (tokens + self.pos[:T, None]).flatten(1, 2)  # (B, T*n, E)
+        mask = block_causal_mask(T, n).to(x.device)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x.view(B, T, n, E)[:, :, 0]
+
+    def forward(self, obs, task_emb):
+        """One pass: GMM parameters at every step and every distilled latent.
+
+        Returns dict(means (B,T,M,7), stds (B,T,M,7), logits (B,T,M),
+                     text (B,E), joint_states/gripper_states/agentview_rgb/eye_in_hand_rgb (B,T,E))."""
+        tokens, lat = self.spatial_encode(obs, task_emb)
+        means, stds, logits = self.head(self.temporal_encode(tokens))
+        return dict(means=means, stds=stds, logits=logits, **lat)
+
+    def reset(self):
+        self.queue = []
+
+    @torch.no_grad()
+    def get_action(self, obs, task_emb):
+        """One env step: obs with dataset keys, images uint8 (B, H, W, 3), floats (B, d); -> actions (B, 7).
+        Keeps the tokens of the last `seq_len` steps and samples from the GMM at the newest one."""
+        self.eval()
+        tokens, _ = self.spatial_encode({k: v[:, None] for k, v in obs.items()}, task_emb)  # (B, 1, 5, E)
+        self.queue = (self.queue + [tokens])[-self.seq_len:]
+        x = self.temporal_encode(torch.cat(self.queue, 1))[:, -1]  # (B, E)
+        return gmm_sample(*self.head(x), 1)[0].clamp(-1, 1).cpu().numpy()  # (B, 7)
