@@ -148,11 +148,13 @@ class SequenceDataset:
         self.demo_end = demo_end  # (N,) index of the last frame of the demo each frame belongs to
 
     @classmethod
-    def from_hdf5(cls, path, task_id, seq_len=10, n_demos=None, img_size=128):
+    def from_hdf5(cls, path, task_id, seq_len=10, demos=slice(None), img_size=128):
+        """The demos `demos` (a slice of demo_0, demo_1, ... in order) of one task file."""
         if not os.path.exists(path):
             raise FileNotFoundError(path)
         with h5py.File(path, "r") as f:
-            demos = check_layout(f, path)[:n_demos]
+            names = check_layout(f, path)
+            demos = names[demos]
             language = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
             read = lambda key: np.concatenate([f[f"data/{d}/{key}"][()] for d in demos])
             obs = {k: torch.from_numpy(resize_images(read(f"obs/{k}"), img_size)) for k in CAMERAS}
@@ -160,7 +162,9 @@ class SequenceDataset:
             actions = torch.from_numpy(read("actions").astype(np.float32))
             lengths = torch.tensor([len(f[f"data/{d}/actions"]) for d in demos])
         demo_end = torch.repeat_interleave(torch.cumsum(lengths, 0) - 1, lengths)  # (N,)
-        return cls(obs, actions, demo_end, task_id, language, seq_len)
+        ds = cls(obs, actions, demo_end, task_id, language, seq_len)
+        ds.n_demos, ds.total_demos = len(demos), len(names)
+        return ds
 
     def __len__(self):
         return len(self.actions)

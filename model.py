@@ -129,10 +129,21 @@ def _hsv_to_rgb(x):
     return v.unsqueeze(-3) - (v * s).unsqueeze(-3) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
+def augment_obs(obs, generator=None):
+    """LIBERO's training augmentation of a batch's images, done once per batch so that the policy and
+    the old model see the same pixels. uint8 (B, T, H, W, 3) per camera in, the same out."""
+    imgs = torch.stack([obs[c] for c in CAMERAS], 1)  # (B, 2, T, H, W, 3)
+    x = imgs.flatten(1, 2).permute(0, 1, 4, 2, 3).float().div(255)  # (B, 2T, 3, H, W)
+    y = augment(x, generator=generator).mul(255).round().to(torch.uint8)
+    y = y.permute(0, 1, 3, 4, 2).unflatten(1, imgs.shape[1:3])  # (B, 2, T, H, W, 3)
+    return {**obs, **{c: y[:, i] for i, c in enumerate(CAMERAS)}}
+
+
 def augment(x, jitter=0.3, p_jitter=0.9, pad=4, generator=None):
     """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps:
     colour jitter (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a
-    random shift (replicate-pad 4 px, random HxW crop). One draw per sample, shared by all V images."""
+    random shift (replicate-pad 4 px, random HxW crop). One draw per sample, shared by all V images.
+    (torchvision applies the four jitters in a random order; here they run in that fixed order.)"""
     B, V, C, H, W = x.shape
     u = lambda: (torch.rand(B, 1, 1, 1, 1, generator=generator) * 2 - 1) * jitter  # (B, 1, 1, 1, 1)
     on = (torch.rand(B, 1, 1, 1, 1, generator=generator) < p_jitter).float()
@@ -195,11 +206,10 @@ class TransformerLayer(nn.Module):
 class ResNetT(nn.Module):
     """ResNet-T (LIBERO's BCTransformerPolicy). `ResNetT(**policy.config)` rebuilds a policy."""
 
-    def __init__(self, d_lang, img_size=128, seq_len=10, E=64, layers=4, modes=5, augment=True):
+    def __init__(self, d_lang, img_size=128, seq_len=10, E=64, layers=4, modes=5):
         super().__init__()
-        self.config = dict(d_lang=d_lang, img_size=img_size, seq_len=seq_len, E=E, layers=layers, modes=modes,
-                           augment=augment)
-        self.seq_len, self.augment = seq_len, augment
+        self.config = dict(d_lang=d_lang, img_size=img_size, seq_len=seq_len, E=E, layers=layers, modes=modes)
+        self.seq_len = seq_len
         self.image_encoders = nn.ModuleDict({c: FiLMResNetEncoder(d_lang, img_size, E) for c in CAMERAS})
         self.language_encoder = nn.Linear(d_lang, E)
         self.extra_encoders = nn.ModuleDict({k: nn.Linear(d, E) for k, d in LOW_DIM.items()})
@@ -211,16 +221,11 @@ class ResNetT(nn.Module):
     def spatial_encode(self, obs, task_emb):
         """obs: uint8 images (B, T, H, W, 3) and floats (B, T, d) -> tokens (B, T, 5, E) and the latents."""
         B, T = obs[CAMERAS[0]].shape[:2]
-        imgs = torch.stack([obs[c] for c in CAMERAS], 1)  # (B, 2, T, H, W, 3) uint8
-        imgs = imgs.flatten(1, 2).permute(0, 1, 4, 2, 3).float().div(255)  # (B, 2T, 3, H, W), NHWC in memory
-        if self.training and self.augment:
-            imgs = augment(imgs)
-        imgs = imgs.unflatten(1, (len(CAMERAS), T))  # (B, 2, T, 3, H, W)
         lang = task_emb[:, None].expand(B, T, -1).flatten(0, 1)  # (B*T, d_lang) for FiLM
         lat = {"text": self.language_encoder(task_emb)}  # (B, E)
         lat.update({k: enc(obs[k]) for k, enc in self.extra_encoders.items()})  # (B, T, E) each
-        for i, (c, enc) in enumerate(self.image_encoders.items()):
-            x = imgs[:, i].flatten(0, 1).contiguous(memory_format=torch.channels_last)  # (B*T, 3, H, W)
+        for c, enc in self.image_encoders.items():
+            x = obs[c].flatten(0, 1).permute(0, 3, 1, 2).float().div(255)  # (B*T, 3, H, W), channels_last
             lat[c] = enc(x, lang).view(B, T, -1)  # (B, T, E)
         tokens = [lat["text"][:, None].expand(B, T, -1)] + [lat[k] for k in (*LOW_DIM, *CAMERAS)]
         return torch.stack(tokens, 2), lat  # (B, T, 5, E)

@@ -1,0 +1,319 @@
+"""Tests for m2distill: each asserts a property that fails if the math or the protocol is wrong.
+
+Run: python -m pytest -q test_m2distill.py
+"""
+import copy
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import data
+import m2distill
+import model
+from m2distill import loss_extra, loss_image, loss_policy, loss_text
+
+SUITE = "libero_object"
+
+
+def fake_obs(B=2, T=10, img=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"agentview_rgb": torch.randint(0, 256, (B, T, img, img, 3), generator=g, dtype=torch.uint8),
+            "eye_in_hand_rgb": torch.randint(0, 256, (B, T, img, img, 3), generator=g, dtype=torch.uint8),
+            "joint_states": torch.randn(B, T, 7, generator=g), "gripper_states": torch.randn(B, T, 2, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory):
+    """Synthetic files in the official layout, named after LIBERO-Object's first two tasks."""
+    root = tmp_path_factory.mktemp("data")
+    bench = data.suite_benchmark(SUITE)
+    for k in range(2):
+        t = bench.get_task(k)
+        data.write_synthetic_task(data.task_file(root, SUITE, t.name), t.language, n_demos=3, length=10, seed=k)
+    return str(root)
+
+
+def tiny_args(suite_dir, out, algo="m2distill", **kw):
+    argv = ["--suite", SUITE, "--data-dir", suite_dir, "--out", str(out), "--algo", algo, "--n-tasks", "2",
+            "--epochs", "1", "--batch-size", "8", "--n-demos", "2", "--val-demos", "1", "--img-size", "32",
+            "--n-eval", "0", "--task-emb", "hash", "--device", "cpu"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return m2distill.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- model
+def test_parameter_count_matches_libero_arithmetic():
+    # Per camera: ResNet-18 to layer2 = conv1 3*64*49 = 9,408 + bn 128 + layer1 2*(2*36,864 + 2*128) = 147,968
+    #   + layer2 (73,728 + 256 + 147,456 + 256 + downsample 8,192 + 256) + (2*147,456 + 2*256) = 525,568
+    #   -> 683,072; spatial-softmax 1x1 conv 128*32+32 = 4,128; projection 64*64+64 = 4,160;
+    #   FiLM (d+1)*(2*64 + 2*64 + 2*128 + 2*128) = 768 (d+1).
+    # Language (d+1)*64; extra (7+1)*64 + (2+1)*64 = 704;
+    # transformer 4 x (2 LN 256 + qkv 64*1152 = 73,728 + out 384*64+64 = 24,640 + MLP 16,640 + 16,448) = 526,848;
+    # GMM head 66,560 + 2*1,049,600 + 2*(1024*35+35) + 1024*5+5 = 2,242,635.
+    # Total = 2*(683,072 + 4,128 + 4,160) + 704 + 526,848 + 2,242,635 + 1,600 (d+1) = 4,152,907 + 1,600 (d+1).
+    for d, expected in [(768, 5_383_307), (384, 4_768_907)]:  # 768: LIBERO's measured count (SPEC.md 10)
+        assert expected == 4_152_907 + 1_600 * (d + 1)
+        assert sum(p.numel() for p in model.ResNetT(d).parameters()) == expected
+
+
+def test_gmm_log_prob_equals_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    means, stds = torch.randn(3, 4, 5, 7, generator=g), torch.rand(3, 4, 5, 7, generator=g) + 0.1
+    logits, a = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 7, generator=g)
+    ref = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(logits=logits),
+                                                torch.distributions.Independent(torch.distributions.Normal(means, stds), 1))
+    torch.testing.assert_close(model.gmm_log_prob(means, stds, logits, a), ref.log_prob(a))
+    out = {"means": means, "stds": stds, "logits": logits}
+    torch.testing.assert_close(m2distill.loss_bc(out, a), -ref.log_prob(a).mean())
+
+
+def test_gmm_sample_has_the_mixture_moments():
+    means = torch.tensor([[-0.5, 0.2], [0.5, -0.2]])[None]  # (1, M=2, D=2)
+    stds, logits = torch.full((1, 2, 2), 0.1), torch.log(torch.tensor([[0.25, 0.75]]))
+    a = model.gmm_sample(means, stds, logits, 20000, torch.Generator().manual_seed(0))[:, 0]  # (N, D)
+    torch.testing.assert_close(a.mean(0), 0.25 * means[0, 0] + 0.75 * means[0, 1], atol=0.01, rtol=0)
+    assert abs((a[:, 0] > 0).float().mean().item() - 0.75) < 0.01  # mode weights respected
+
+
+def test_block_causal_mask_hides_later_steps():
+    policy = model.ResNetT(32, img_size=32).eval()
+    obs, emb = fake_obs(), torch.randn(2, 32)
+    later = {k: v.clone() for k, v in obs.items()}
+    later["agentview_rgb"][:, 6:] = 255 - later["agentview_rgb"][:, 6:]  # change frames 6..9 only
+    later["joint_states"][:, 6:] += 1
+    with torch.no_grad():
+        a, b = policy(obs, emb)["means"], policy(later, emb)["means"]
+    torch.testing.assert_close(a[:, :6], b[:, :6])  # steps before the change cannot see it
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-4
+
+
+def test_get_action_reads_the_latent_queue():
+    policy = model.ResNetT(32, img_size=32, seq_len=3).eval()
+    obs, emb = fake_obs(T=5), torch.randn(2, 32)
+    policy.reset()
+    for t in range(5):
+        torch.manual_seed(t)
+        a = policy.get_action({k: v[:, t] for k, v in obs.items()}, emb)
+    assert len(policy.queue) == 3  # the last seq_len steps only
+    with torch.no_grad():
+        out = policy({k: v[:, 2:5] for k, v in obs.items()}, emb)  # the same 3 steps as one sequence
+    torch.manual_seed(4)
+    ref = model.gmm_sample(out["means"][:, -1], out["stds"][:, -1], out["logits"][:, -1], 1)[0].clamp(-1, 1)
+    np.testing.assert_allclose(a, ref.numpy(), atol=1e-5)
+
+
+def test_augmentation_is_one_shift_shared_by_cameras_and_steps():
+    x = torch.rand(3, 4, 3, 16, 16)
+    y = model.augment(x, jitter=0.0, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x.flatten(1, 2), (4,) * 4, mode="replicate").unflatten(1, (4, 3))
+    for b in range(3):  # each sample is one crop of its padded images, the same offset for all 4 images
+        hits = [(i, j) for i in range(9) for j in range(9)
+                if torch.allclose(y[b], padded[b, :, :, i:i + 16, j:j + 16], atol=1e-5)]
+        assert len(hits) == 1
+    obs = fake_obs(B=3, T=2, img=16)
+    aug = model.augment_obs(obs, torch.Generator().manual_seed(2))
+    assert aug["agentview_rgb"].dtype == torch.uint8 and aug["agentview_rgb"].shape == obs["agentview_rgb"].shape
+    assert torch.equal(aug["joint_states"], obs["joint_states"])
+
+
+# ----------------------------------------------------------------------------- losses
+def outputs(policy, obs, emb):
+    with torch.no_grad():
+        return policy.eval()(obs, emb)
+
+
+def test_loss_policy_is_zero_for_identical_models_and_positive_otherwise():
+    policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(), torch.randn(2, 32)
+    out = outputs(policy, obs, emb)
+    other = copy.deepcopy(policy)
+    with torch.no_grad():
+        other.head.mean.weight.add_(0.5 * torch.randn_like(other.head.mean.weight))
+    out2 = outputs(other, obs, emb)
+    for direction in ("forward", "reverse"):
+        for steps in ("all", "last"):
+            assert abs(loss_policy(out, out, 10, direction, steps).item()) < 1e-5
+            assert loss_policy(out2, out, 200, direction, steps).item() > 0.1
+
+
+def test_loss_policy_converges_to_the_closed_form_kl_for_one_component():
+    g = torch.Generator().manual_seed(0)
+    one = lambda: {"means": torch.randn(4, 2, 1, 7, generator=g) * 0.3, "stds": torch.rand(4, 2, 1, 7, generator=g) + 0.2,
+                   "logits": torch.zeros(4, 2, 1)}
+    p, q = one(), one()  # p = pi_old, q = pi_theta
+    # KL(N(m1,s1) || N(m2,s2)) = sum_j log(s2/s1) + (s1^2 + (m1-m2)^2) / (2 s2^2) - 1/2, averaged over (B, T)
+    kl = lambda a, b: (torch.log(b["stds"] / a["stds"]) + (a["stds"] ** 2 + (a["means"] - b["means"]) ** 2)
+                       / (2 * b["stds"] ** 2) - 0.5).sum(-1).mean()
+    fwd = loss_policy(q, p, 20000, "forward", "all", torch.Generator().manual_seed(1))
+    rev = loss_policy(q, p, 20000, "reverse", "all", torch.Generator().manual_seed(1))
+    assert abs(fwd.item() - kl(p, q).item()) < 0.03 * kl(p, q).item()
+    assert abs(rev.item() - kl(q, p).item()) < 0.03 * kl(q, p).item()
+    assert abs(kl(p, q).item() - kl(q, p).item()) > 0.1  # the two directions really differ here
+
+
+def test_reverse_kl_gradient_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    p = {"means": torch.zeros(1, 1, 1, 2), "stds": torch.ones(1, 1, 1, 2), "logits": torch.zeros(1, 1, 1)}
+    mu = torch.tensor([0.5, -0.3], requires_grad=True)
+    q = {"means": mu.view(1, 1, 1, 2), "stds": torch.full((1, 1, 1, 2), 0.7), "logits": torch.zeros(1, 1, 1)}
+    loss_policy(q, p, 200000, "reverse", "all", g).backward()
+    torch.testing.assert_close(mu.grad, mu.detach(), atol=0.03, rtol=0)  # d/dmu KL(N(mu,.)||N(0,1)) = mu
+
+
+@pytest.mark.parametrize("loss, module, key", [
+    (loss_image, lambda p: p.image_encoders["agentview_rgb"].proj, "image"),
+    (loss_image, lambda p: p.image_encoders["eye_in_hand_rgb"].film[2], "image"),
+    (loss_text, lambda p: p.language_encoder, "text"),
+    (loss_extra, lambda p: p.extra_encoders["gripper_states"], "extra"),
+])
+def test_each_distillation_loss_sees_only_its_own_modality(loss, module, key):
+    policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(), torch.randn(2, 32)
+    old = m2distill.freeze(policy)
+    out_old = outputs(old, obs, emb)
+    losses = {"image": loss_image, "text": loss_text, "extra": loss_extra}
+    for f in losses.values():
+        assert f(outputs(policy, obs, emb), out_old).item() == 0.0  # identical copy
+    with torch.no_grad():
+        for prm in module(policy).parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    out = outputs(policy, obs, emb)
+    assert loss(out, out_old).item() > 1e-4
+    for name, f in losses.items():
+        if name != key:
+            assert f(out, out_old).item() == 0.0  # the other latents did not move
+    assert loss_policy(out, out_old, 10).item() != 0.0
+
+
+def test_total_loss_switches_terms_off_with_zero_lambda(suite_dir, tmp_path):
+    policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(), torch.randn(2, 32)
+    old = m2distill.freeze(policy)
+    with torch.no_grad():
+        for prm in policy.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    batch = {"obs": obs, "actions": torch.rand(2, 10, 7) * 2 - 1, "task_emb": emb}
+    args = tiny_args(suite_dir, tmp_path, lambda_text=0, lambda_policy=2.0)
+    total, terms = m2distill.total_loss(outputs(policy, obs, emb), outputs(old, obs, emb), batch, args)
+    assert set(terms) == {"bc", "image", "extra", "policy"}
+    torch.testing.assert_close(total, sum(terms.values()))
+    _, bc_only = m2distill.total_loss(outputs(policy, obs, emb), None, batch, args)
+    assert set(bc_only) == {"bc"}
+
+
+# ----------------------------------------------------------------------------- the loop
+def test_old_model_is_frozen_while_the_policy_learns(suite_dir, tmp_path):
+    args = tiny_args(suite_dir, tmp_path)
+    ds = data.SequenceDataset.from_hdf5(data.task_file(suite_dir, SUITE, data.suite_benchmark(SUITE).get_task(0).name),
+                                        0, 10, slice(0, 2), 32)
+    policy = model.ResNetT(32, img_size=32)
+    old = m2distill.freeze(policy)
+    before = copy.deepcopy(old.state_dict())
+    start = copy.deepcopy(policy.state_dict())
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    embs = torch.randn(10, 32)
+    for idx in torch.arange(len(ds)).split(8)[:3]:
+        terms = m2distill.train_step(policy, old, m2distill.to_device(ds.batch(idx), embs, "cpu"), opt, args)
+        assert set(terms) == {"bc", "image", "text", "extra", "policy"}
+    assert not old.training and all(p.grad is None and not p.requires_grad for p in old.parameters())
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in before.items())  # BN running stats too
+    assert any(not torch.equal(v, policy.state_dict()[k]) for k, v in start.items())
+
+
+def test_er_batches_hold_current_and_past_samples(suite_dir):
+    bench = data.suite_benchmark(SUITE)
+    ds = [data.SequenceDataset.from_hdf5(data.task_file(suite_dir, SUITE, bench.get_task(k).name), k, 10, slice(0, 2), 32)
+          for k in range(2)]
+    memory = data.ReplayMemory(n_memories=5)
+    memory.add(ds[0])
+    assert len(memory) == 5 and len(memory.datasets[0]) < len(ds[0])  # only the frames the 5 sequences read
+    batch = m2distill.make_batch(ds[1], torch.arange(8), memory, 8, torch.Generator().manual_seed(0))
+    assert batch["task_id"].tolist() == [1] * 8 + [0] * 8
+    assert batch["obs"]["agentview_rgb"].shape[:2] == (16, 10) and batch["actions"].shape == (16, 10, 7)
+    assert m2distill.make_batch(ds[1], torch.arange(8), None, 8)["task_id"].tolist() == [1] * 8  # Sequential
+
+
+def test_sequences_pad_at_the_end_of_their_own_demo(suite_dir):
+    path = data.task_file(suite_dir, SUITE, data.suite_benchmark(SUITE).get_task(0).name)
+    ds = data.SequenceDataset.from_hdf5(path, 0, 10, slice(None), 32)
+    with h5py.File(path) as f:
+        a0, a1 = f["data/demo_0/actions"][()], f["data/demo_1/actions"][()]
+    n0 = len(a0)
+    b = ds.batch(torch.tensor([n0 - 3, n0]))  # 3 steps before demo_0 ends; the first step of demo_1
+    np.testing.assert_allclose(b["actions"][0, :3].numpy(), a0[-3:], rtol=1e-6)
+    np.testing.assert_allclose(b["actions"][0, 3:].numpy(), np.repeat(a0[-1:], 7, 0), rtol=1e-6)
+    np.testing.assert_allclose(b["actions"][1].numpy(), a1[:10], rtol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["sequential", "er", "m2distill"])
+def test_two_tasks_end_to_end(suite_dir, tmp_path, algo):
+    res = m2distill.run(tiny_args(suite_dir, tmp_path, algo))
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["tasks"] == res["tasks"] and len(saved["tasks"]) == 2
+    assert [len(r) for r in saved["nll"]] == [1, 2] and all(np.isfinite(saved["nll"][1]))
+    assert os.path.exists(tmp_path / "task1.pt")
+
+
+def test_resume_does_not_redo_a_finished_task(suite_dir, tmp_path, monkeypatch):
+    args = tiny_args(suite_dir, tmp_path)
+    learn = m2distill.learn_task
+    calls = []
+
+    def killed_in_task_1(*a):
+        calls.append(a[6])
+        if a[6] == 1:
+            raise KeyboardInterrupt  # the run is killed while learning task 1
+        return learn(*a)
+
+    monkeypatch.setattr(m2distill, "learn_task", killed_in_task_1)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(args)
+    assert json.load(open(tmp_path / "results.json"))["tasks"] == [data.suite_benchmark(SUITE).get_task(0).name]
+    saved0 = torch.load(tmp_path / "task0.pt")["state_dict"]
+    monkeypatch.setattr(m2distill, "learn_task", lambda *a: (calls.append(a[6]), learn(*a))[1])
+    res = m2distill.run(args)
+    assert calls == [0, 1, 1] and len(res["tasks"]) == 2  # task 0 was not learned again
+    assert all(torch.equal(v, torch.load(tmp_path / "task0.pt")["state_dict"][k]) for k, v in saved0.items())
+    with pytest.raises(SystemExit, match="other flags"):
+        m2distill.run(tiny_args(suite_dir, tmp_path, lambda_text=0.5))
+
+
+# ----------------------------------------------------------------------------- data and bad input
+def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_path):
+    path = str(tmp_path / "t_demo.hdf5")
+    data.write_synthetic_task(path, "do it", n_demos=2)
+    with h5py.File(path) as f:
+        assert data.check_layout(f, path) == ["demo_0", "demo_1"]
+        assert json.loads(f["data"].attrs["problem_info"])["language_instruction"] == "do it"
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/obs/gripper_states"]
+    with pytest.raises(ValueError, match="demo_1/obs/gripper_states"):
+        data.SequenceDataset.from_hdf5(path, 0)
+
+
+def test_bad_input_gets_a_message_naming_the_fix(suite_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--data-dir"):
+        m2distill.run(tiny_args(str(tmp_path / "nowhere"), tmp_path / "out"))
+    with pytest.raises(SystemExit, match="--suite"):
+        data.suite_benchmark("libero_objects")
+    with pytest.raises(SystemExit, match="--n-demos"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "o2", n_demos=3, val_demos=1))
+    args = tiny_args(suite_dir, tmp_path / "o3")
+    policy = model.ResNetT(32, img_size=32)
+    batch = {"obs": fake_obs(), "actions": torch.full((2, 10, 7), float("nan")), "task_emb": torch.randn(2, 32)}
+    with pytest.raises(FloatingPointError, match="--lr"):
+        m2distill.train_step(policy, None, batch, torch.optim.AdamW(policy.parameters()), args)
+
+
+def test_task_embeddings_are_deterministic_cached_and_distinct(tmp_path):
+    langs = ["pick up the soup", "pick up the milk"]
+    h = data.task_embeddings(langs, "hash", str(tmp_path))
+    assert torch.equal(h, data.task_embeddings(langs, "hash")) and not torch.allclose(h[0], h[1])
+    assert len(list(tmp_path.glob("task_emb_hash_*.pt"))) == 1
+    assert torch.equal(data.task_embeddings(langs, "onehot"), torch.eye(2))
+    m = data.task_embeddings(langs + ["pick up the soup please"], "minilm")
+    assert m.shape == (3, 384)
+    torch.testing.assert_close(m.norm(dim=1), torch.ones(3))
+    assert (m[0] @ m[2]) > (m[0] @ m[1])  # a real sentence model: paraphrase closer than another object
