@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import evaluate as rollouts
 from data import CAMERAS, LOW_DIM
 from model import ResNetT, augment_obs, gmm_log_prob, gmm_sample
 
@@ -263,8 +264,32 @@ def run(args, evaluate=None):
     languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]
     task_embs = data.task_embeddings(languages, args.task_emb, cache_dir=os.path.join(args.data_dir, ".cache"))
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
-    if evaluate is None:
-        evaluate = lambda policy, ids: {i: None for i in ids}  # no rollouts: success is not measured
+    evaluator = None
+    if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
+        evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
+                                       os.path.join(args.out, "videos") if args.videos else None)
+        evaluate = lambda policy, ids: evaluator(policy, ids, task_embs)
+    elif evaluate is None:
+        evaluate = lambda policy, ids: {i: None for i in ids}  # --n-eval 0: success is not measured
+    try:
+        return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+
+
+def timed(evaluate, res):
+    """The evaluation hook, its seconds added to res["seconds"]["eval"]."""
+    def hook(policy, ids):
+        t0 = time.time()
+        out = evaluate(policy, ids)
+        res["seconds"]["eval"] = res["seconds"].get("eval", 0) + time.time() - t0
+        return out
+    return hook
+
+
+def lifelong(args, bench, policy, task_embs, evaluate, res):
+    """Tasks 0..K-1 in order: learn, evaluate tasks 0..k into row k, checkpoint, then replay and pi_old."""
     use_replay = args.algo in ("er", "m2distill") and args.replay == "on"  # ER: the diff on Sequential
     memory = data.ReplayMemory(args.n_memories) if use_replay else None
     old, vals = None, []
@@ -280,14 +305,16 @@ def run(args, evaluate=None):
         else:
             tqdm.write(f"== task {k}: {bench.get_task(k).language} ({len(train)} sequences)")
             curve, fwt_k = learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res)
-            t0 = time.time()
             row = evaluate(policy, list(range(k + 1)))
-            res["seconds"]["eval"] = res["seconds"].get("eval", 0) + time.time() - t0
             res["success"].append([row[i] for i in range(k + 1)])
             res["curves"].append(curve)
             res["fwt_k"].append(fwt_k)
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
+            if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
+                res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
+                rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
+                                             f"{args.suite} {args.algo} seed {args.seed}")
             save_checkpoint(policy, task_embs, args, k, os.path.join(args.out, f"task{k}.pt"))
             save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
             tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}")
@@ -321,6 +348,7 @@ def parse_args(argv=None):
     a("--n-eval", type=int, help="episodes per task evaluation (0: no rollouts)")
     a("--max-steps", type=int, help="steps per episode")
     a("--eval-workers", type=int, default=os.cpu_count(), help="parallel simulator processes")
+    a("--videos", action="store_true", help="write an MP4 of every rollout to <out>/videos")
     a("--n-memories", type=int, default=1000, help="ER: sequences kept per past task")
     a("--replay", default="on", choices=["on", "off"], help="M2Distill/ER: mix replayed sequences into batches")
     a("--lambda-image", type=float, default=1.0, help="weight of L_image (0 switches it off)")
@@ -346,7 +374,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     res = run(args)
-    print(json.dumps({k: res[k] for k in ("success", "fwt_k", "nll")}))
+    print(json.dumps({k: res.get(k) for k in ("success", "fwt_k", "nll", "metrics")}))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Run: python -m pytest -q test_m2distill.py
 """
 import copy
+import importlib.util
 import json
 import os
+import time
 
 import h5py
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import m2distill
 import model
 from m2distill import loss_extra, loss_image, loss_policy, loss_text
@@ -317,3 +320,118 @@ def test_task_embeddings_are_deterministic_cached_and_distinct(tmp_path):
     assert m.shape == (3, 384)
     torch.testing.assert_close(m.norm(dim=1), torch.ones(3))
     assert (m[0] @ m[2]) > (m[0] @ m[1])  # a real sentence model: paraphrase closer than another object
+
+
+# ----------------------------------------------------------------------------- rollouts and metrics
+def test_lifelong_metrics_on_hand_computed_matrices():
+    perfect = [[0.8], [0.8, 0.6], [0.8, 0.6, 0.4]]  # nothing forgotten
+    assert evaluate.lifelong_metrics(perfect, [0.5, 0.4, 0.3])["nbt"] == pytest.approx(0.0)
+    forgot = [[0.8], [0.0, 0.6], [0.0, 0.0, 0.4]]  # every earlier task lost: NBT = mean c_kk over k < K
+    assert evaluate.lifelong_metrics(forgot, [0.5, 0.4, 0.3])["nbt"] == pytest.approx((0.8 + 0.6) / 2)
+    # 3x3 by hand: c = [[.9], [.5, .8], [.3, .6, .7]], FWT_k = [.6, .5, .4]
+    #   FWT = (.6 + .5 + .4) / 3 = .5
+    #   NBT_1 = ((.9 - .5) + (.9 - .3)) / 2 = .5,  NBT_2 = (.8 - .6) / 1 = .2,  NBT = (.5 + .2) / 2 = .35
+    #   AUC_1 = (.6 + .5 + .3) / 3 = 1.4/3,  AUC_2 = (.5 + .6) / 2 = .55,  AUC_3 = .4 / 1
+    #   AUC = (1.4/3 + .55 + .4) / 3
+    m = evaluate.lifelong_metrics([[.9], [.5, .8], [.3, .6, .7]], [.6, .5, .4])
+    assert m["fwt"] == pytest.approx(0.5) and m["nbt"] == pytest.approx(0.35)
+    assert m["auc"] == pytest.approx((1.4 / 3 + 0.55 + 0.4) / 3)
+    assert evaluate.lifelong_metrics([[0.7]], [0.6]) == {"fwt": 0.6, "nbt": None, "auc": 0.6}
+
+
+def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path):
+    """Rollouts at epochs 0, 1, 2 score 0, .5, .25: epoch 1's weights are kept, FWT_k holds .5 after it."""
+    scores, states = iter([0.0, 0.5, 0.25, 0.5, 0.0, 0.5, 0.25, 0.4, 0.3]), []
+
+    def fake_rollouts(policy, ids):
+        states.append(copy.deepcopy(policy.state_dict()))
+        return {i: next(scores) for i in ids}
+
+    res = m2distill.run(tiny_args(suite_dir, tmp_path, epochs=2, eval_every=1), evaluate=fake_rollouts)
+    assert res["curves"] == [[0.0, 0.5, 0.25], [0.0, 0.5, 0.25]]
+    assert res["fwt_k"] == [pytest.approx(1 / 3)] * 2  # (0 + .5 + .5) / 3, held at the best
+    assert res["success"] == [[0.5], [0.4, 0.3]]
+    kept = torch.load(tmp_path / "task0.pt")["state_dict"]
+    assert all(torch.equal(v, states[1][k]) for k, v in kept.items())  # epoch 1, not the last epoch
+    assert res["metrics"] == evaluate.lifelong_metrics(res["success"], res["fwt_k"])
+    assert res["metrics"]["nbt"] == pytest.approx(0.1)
+    assert json.load(open(tmp_path / "results.json"))["metrics"] == res["metrics"]
+    assert open(tmp_path / "success.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class FakeEnv:
+    """A stand-in simulator for the worker tests: init state 1 crashes its process once, 2 hangs."""
+
+    def __init__(self):
+        self.t = 0
+
+    def set_init_state(self, s):
+        marker = os.environ["M2D_CRASH_MARKER"]
+        if s == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(3)
+        if s == 2:
+            time.sleep(3600)
+        return self.obs()
+
+    def step(self, action):
+        self.t += 1
+        return self.obs(), 0.0, self.t >= evaluate.N_SETTLE + 3, {}
+
+    def obs(self):
+        img = np.zeros((32, 32, 3), np.uint8)
+        return {"agentview_image": img, "robot0_eye_in_hand_image": img, "robot0_joint_pos": np.zeros(7),
+                "robot0_gripper_qpos": np.zeros(2)}
+
+    def reset(self):
+        self.t = 0
+
+    def close(self):
+        pass
+
+
+def fake_env_fn(suite, task):
+    return FakeEnv(), np.arange(4)
+
+
+def test_a_crashed_or_hung_worker_is_restarted_and_the_run_finishes(tmp_path, monkeypatch):
+    monkeypatch.setenv("M2D_CRASH_MARKER", str(tmp_path / "crashed"))
+    ev = evaluate.Evaluator(SUITE, n_eval=4, max_steps=10, workers=2, episode_timeout=8, env_fn=fake_env_fn)
+    try:
+        rates = ev(model.ResNetT(d_lang=8, img_size=32), [0], torch.randn(1, 8))
+    finally:
+        ev.close()
+    assert rates == {0: 0.75}  # episode 1 crashed once and succeeded on retry; episode 2 hung twice
+    assert len(ev.errors) == 3 and sum("died" in e for e in ev.errors) == 1
+    assert sum("hung" in e for e in ev.errors) == 2
+
+
+class Recorder:
+    """Wraps a policy and keeps every observation it is given."""
+
+    def __init__(self, policy):
+        self.policy, self.seen = policy, []
+
+    def reset(self):
+        self.policy.reset()
+
+    def get_action(self, obs, task_emb):
+        self.seen.append(obs)
+        return self.policy.get_action(obs, task_emb)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libero") is None,
+                    reason="the LIBERO simulator is not installed: pip install -r requirements.txt")
+def test_one_real_libero_episode_feeds_the_policy_dataset_keys():
+    env, init_states = evaluate.make_env(SUITE, 0)
+    policy = Recorder(model.ResNetT(d_lang=16, img_size=64))
+    try:
+        success, steps = evaluate.run_episode(env, policy, torch.randn(16), init_states[0], 20, 64)
+    finally:
+        env.close()
+    assert len(init_states) == 50 and (success, steps) == (False, 20)
+    assert len(policy.seen) == 20 and all(set(o) == set(data.CAMERAS) | set(data.LOW_DIM) for o in policy.seen)
+    first = policy.seen[0]
+    assert all(first[c].shape == (1, 64, 64, 3) and first[c].dtype == torch.uint8 for c in data.CAMERAS)
+    assert first["joint_states"].shape == (1, 7) and first["gripper_states"].shape == (1, 2)
+    assert not torch.equal(policy.seen[0]["joint_states"], policy.seen[-1]["joint_states"])  # the arm moved

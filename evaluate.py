@@ -1,0 +1,362 @@
+"""evaluate.py: rollouts in the real LIBERO simulator, the success matrix, and FWT / NBT / AUC.
+
+    python evaluate.py --checkpoint runs/libero_object_m2distill_s10000/task2.pt --suite libero_object
+    python evaluate.py --bench                         # env steps/s: bare simulator vs 1 vs N workers
+
+An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with
+one of the task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the
+policy acts, its latent queue reset, until the env says `done` (success) or `max_steps`.
+
+Episodes run in `workers` processes started with `spawn`. Each worker holds its own copy of the
+policy (one thread: inference at batch 1 costs a few ms against ~80 ms of simulation and rendering)
+and creates its env lazily, keeping one env per worker until the task changes. A worker that dies or
+stops answering is reported, killed, restarted, and its episode retried once; an episode that fails
+twice counts as a failure, so a run always finishes.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import time
+import traceback
+from multiprocessing.connection import wait
+
+import numpy as np
+import torch
+
+import data
+from data import CAMERAS
+
+# dataset key -> env observation key (LIBERO's obs_key_mapping)
+ENV_KEYS = {"agentview_rgb": "agentview_image", "eye_in_hand_rgb": "robot0_eye_in_hand_image",
+            "joint_states": "robot0_joint_pos", "gripper_states": "robot0_gripper_qpos"}
+N_SETTLE = 5  # zero actions after set_init_state; the datasets drop these steps too
+
+
+# ----------------------------------------------------------------------------- one episode
+def make_env(suite, task_id):
+    """LIBERO's OffScreenRenderEnv for one task (128x128 agentview and eye-in-hand) and its init states."""
+    bench = data.suite_benchmark(suite)
+    from libero.libero import get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+    task = bench.get_task(task_id)
+    env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                                                         task.bddl_file), camera_heights=128, camera_widths=128)
+    env.seed(0)
+    return env, bench.get_task_init_states(task_id)
+
+
+def policy_obs(obs, img_size):
+    """One env observation -> the policy's input: dataset keys, batch 1, images uint8 (1, s, s, 3)."""
+    x = {k: np.asarray(obs[e]) for k, e in ENV_KEYS.items()}
+    x = {k: data.resize_images(v, img_size) if k in CAMERAS else v.astype(np.float32) for k, v in x.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in x.items()}
+
+
+def run_episode(env, policy, task_emb, init_state, max_steps, img_size, frames=None):
+    """One rollout; returns (success, steps). `frames` (a list) collects agentview images, upright."""
+    env.reset()
+    obs = env.set_init_state(init_state)
+    for _ in range(N_SETTLE):
+        obs, _, _, _ = env.step(np.zeros(7))
+    policy.reset()
+    for t in range(max_steps):
+        if frames is not None:
+            frames.append(obs["agentview_image"][::-1])  # the env renders upside down; flip for the eye only
+        action = policy.get_action(policy_obs(obs, img_size), task_emb[None])[0]  # (7,)
+        obs, _, done, _ = env.step(action)
+        if done:
+            return True, t + 1
+    return False, max_steps
+
+
+def write_video(path, frames, fps=20):
+    """MP4 through OpenCV (installed with LIBERO), written to a temp name then renamed."""
+    import cv2
+    h, w = frames[0].shape[:2]
+    tmp = path + ".tmp.mp4"
+    out = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for f in frames:
+        out.write(np.ascontiguousarray(f[..., ::-1]))  # RGB -> BGR
+    out.release()
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- worker processes
+def _worker(conn, suite, max_steps, video_dir, env_fn):
+    """Serve episodes: ("policy", config, state_dict, task_embs) replaces the policy; (task, episode) runs one."""
+    from model import ResNetT
+    torch.set_num_threads(1)
+    env, env_task, init_states, policy, task_embs = None, None, None, None, None
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        if msg[0] == "policy":
+            policy = ResNetT(**msg[1])
+            policy.load_state_dict(msg[2])
+            task_embs = msg[3]
+            continue
+        task, ep = msg
+        try:
+            if task != env_task:
+                if env is not None:
+                    env.close()
+                env, env_task = None, None
+                env, init_states = env_fn(suite, task)
+                env_task = task
+            frames = [] if video_dir else None
+            t0 = time.time()
+            success, steps = run_episode(env, policy, task_embs[task], init_states[ep % len(init_states)],
+                                         max_steps, policy.config["img_size"], frames)
+            seconds = time.time() - t0
+            if frames:
+                write_video(os.path.join(video_dir, f"task{task}_ep{ep}_{'success' if success else 'fail'}.mp4"),
+                            frames)
+            conn.send((task, ep, success, steps, seconds, None))
+        except Exception:
+            conn.send((task, ep, False, 0, 0.0, traceback.format_exc()))
+            try:
+                env.close()
+            except Exception:
+                pass
+            env, env_task = None, None  # a fresh env for the next episode
+    if env is not None:
+        env.close()
+
+
+class Evaluator:
+    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes.
+
+    evaluator(policy, task_ids, task_embs) -> {task_id: success rate}. Workers live until close().
+    `episode_timeout` (seconds, default 300 + 2 max_steps) marks a worker as hung.
+    """
+
+    def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
+                 env_fn=make_env):
+        self.suite, self.n_eval, self.max_steps, self.video_dir, self.env_fn = suite, n_eval, max_steps, video_dir, env_fn
+        self.n_workers = max(1, min(workers or os.cpu_count(), n_eval))
+        self.timeout = episode_timeout or 300 + 2 * max_steps
+        self.ctx = mp.get_context("spawn")
+        self.procs, self.conns, self.policy_msg = [None] * self.n_workers, [None] * self.n_workers, None
+        self.errors, self.episodes = [], []  # what went wrong; (task, ep, success, steps, seconds) per episode
+        if video_dir:
+            os.makedirs(video_dir, exist_ok=True)
+
+    def _start(self, i):
+        parent, child = self.ctx.Pipe()
+        p = self.ctx.Process(target=_worker, args=(child, self.suite, self.max_steps, self.video_dir, self.env_fn),
+                             daemon=True)
+        p.start()
+        child.close()
+        self.procs[i], self.conns[i] = p, parent
+        if self.policy_msg is not None:
+            parent.send(self.policy_msg)
+
+    def _kill(self, i):
+        self.procs[i].kill()
+        self.procs[i].join()
+        self.conns[i].close()
+        self.procs[i] = None
+
+    def __call__(self, policy, task_ids, task_embs):
+        cfg, state = policy.config, {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+        self.policy_msg = ("policy", cfg, state, task_embs.detach().cpu())
+        for i in range(self.n_workers):
+            if self.procs[i] is None or not self.procs[i].is_alive():
+                self._start(i)
+            else:
+                self.conns[i].send(self.policy_msg)
+        todo = [(t, ep, 0) for t in task_ids for ep in range(self.n_eval)]  # (task, episode, tries so far)
+        busy, wins = {}, {t: 0 for t in task_ids}  # worker -> (job, start time)
+        while todo or busy:
+            for i in range(self.n_workers):
+                if i not in busy and todo:
+                    job = todo.pop(0)
+                    try:
+                        self.conns[i].send(job[:2])
+                    except OSError:
+                        pass  # a dead worker: found below
+                    busy[i] = (job, time.time())
+            ready = wait([self.conns[i] for i in busy], timeout=1.0)
+            for i in list(busy):
+                job, t0 = busy[i]
+                problem, result = None, None
+                if self.conns[i] in ready:
+                    try:
+                        result = self.conns[i].recv()
+                        problem = result[5]
+                    except (EOFError, OSError):
+                        problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
+                elif not self.procs[i].is_alive():
+                    problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
+                elif time.time() - t0 > self.timeout:
+                    problem = f"worker {i} hung for more than {self.timeout:.0f} s"
+                else:
+                    continue
+                del busy[i]
+                if problem is None:
+                    wins[job[0]] += result[2]
+                    self.episodes.append(result[:5])
+                    continue
+                msg = f"task {job[0]} episode {job[1]}: {problem.strip().splitlines()[-1]}"
+                self.errors.append(msg)
+                print(f"[evaluate] {msg}; " + ("restarting the worker, retrying" if job[2] == 0
+                                               else "counted as a failure"), flush=True)
+                if result is None:  # dead or hung: a fresh process
+                    self._kill(i)
+                    self._start(i)
+                if job[2] == 0:
+                    todo.insert(0, (job[0], job[1], 1))
+        return {t: wins[t] / self.n_eval for t in task_ids}
+
+    def close(self):
+        for i, p in enumerate(self.procs):
+            if p is not None and p.is_alive():
+                try:
+                    self.conns[i].send(None)
+                except OSError:
+                    pass
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        self.procs = [None] * self.n_workers
+
+
+# ----------------------------------------------------------------------------- LIBERO's metrics
+def lifelong_metrics(conf_mat, fwt_k):
+    """FWT, NBT and AUC (SPEC.md section 6) from the success matrix and the per-task FWT_k.
+
+    conf_mat[k][tau] = c_{k,tau}: success on task tau after learning task k (row k needs tau <= k;
+    a ragged list of rows is fine). fwt_k[k] = FWT_k = (1/11) sum_e c_{k,k,e}, the held-at-best curve.
+    With tasks indexed 1..K as in the paper and c_{k,k} the diagonal (the best checkpoint of task k):
+
+        FWT = (1/K) sum_k FWT_k
+        NBT_k = 1/(K-k) sum_{tau=k+1}^{K} (c_{k,k} - c_{tau,k}),   NBT = 1/(K-1) sum_{k=1}^{K-1} NBT_k
+        AUC_k = 1/(K-k+1) (FWT_k + sum_{tau=k+1}^{K} c_{tau,k}),  AUC = (1/K) sum_k AUC_k
+
+    NBT is averaged over k < K only (the last task has no later task to forget it); with K = 1 it is None.
+    """
+    K = len(fwt_k)
+    c = np.full((K, K), np.nan)
+    for k, row in enumerate(conf_mat):
+        c[k, :len(row)] = row
+    nbt_k = [np.mean([c[k, k] - c[tau, k] for tau in range(k + 1, K)]) for k in range(K - 1)]
+    auc_k = [(fwt_k[k] + sum(c[tau, k] for tau in range(k + 1, K))) / (K - k) for k in range(K)]
+    return {"fwt": float(np.mean(fwt_k)), "nbt": float(np.mean(nbt_k)) if nbt_k else None,
+            "auc": float(np.mean(auc_k))}
+
+
+def plot_success_matrix(conf_mat, metrics, path, title=""):
+    """The success matrix as a PNG heatmap (rows: after task k; columns: task), metrics in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    K = len(conf_mat)
+    c = np.full((K, K), np.nan)
+    for k, row in enumerate(conf_mat):
+        c[k, :len(row)] = row
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * K, 1.0 + 0.7 * K))
+    ax.imshow(c, vmin=0, vmax=1, cmap="viridis")
+    for k in range(K):
+        for tau in range(k + 1):
+            ax.text(tau, k, f"{c[k, tau]:.2f}", ha="center", va="center", color="w" if c[k, tau] < 0.6 else "k")
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after learning task")
+    ax.set_xticks(range(K))
+    ax.set_yticks(range(K))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    ax.set_title(f"{title}\nFWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ----------------------------------------------------------------------------- command line
+def load_policy(path):
+    """A checkpoint written by m2distill.py -> (policy, task embeddings, its suite)."""
+    from model import ResNetT
+    if not os.path.exists(path):
+        raise SystemExit(f"--checkpoint {path}: no such file; m2distill.py writes <out>/task<k>.pt.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    policy = ResNetT(**ckpt["config"])
+    policy.load_state_dict(ckpt["state_dict"])
+    return policy.eval(), ckpt["task_embs"], ckpt.get("suite")
+
+
+def bench(args):
+    """Env steps per second with rendering: the bare simulator (zero actions, this process), then
+    episodes of a fresh policy through 1 worker and through N workers, after one warm-up round."""
+    from model import ResNetT
+    env, init_states = make_env(args.suite, 0)
+    env.reset()
+    env.set_init_state(init_states[0])
+    for _ in range(10):
+        env.step(np.zeros(7))
+    t0 = time.time()
+    for _ in range(args.max_steps):
+        env.step(np.zeros(7))
+    bare = args.max_steps / (time.time() - t0)
+    env.close()
+    embs = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
+    policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
+    rows = [("bare simulator, step + render", bare, 1.0)]
+    for n in (1, args.eval_workers):
+        ev = Evaluator(args.suite, n_eval=n, max_steps=args.max_steps, workers=n)
+        ev(policy, [0], embs)  # warm-up: spawn, imports, env creation
+        ev.episodes.clear()
+        t0 = time.time()
+        ev(policy, [0], embs)
+        wall = time.time() - t0
+        steps = sum(e[3] for e in ev.episodes)
+        per_worker = steps / sum(e[4] for e in ev.episodes)  # inside episodes: policy + step + render
+        ev.close()
+        rows.append((f"{n} worker(s): per worker, inside episodes (policy {args.img_size}px)", per_worker,
+                     bare / per_worker))
+        rows.append((f"{n} worker(s): all together, wall clock incl. reset", steps / wall, bare / (steps / wall)))
+    print(f"| {args.suite} task 0, {args.max_steps}-step episodes | env steps/s | bare rate / this rate |\n"
+          "|---|---|---|")
+    for name, rate, ratio in rows:
+        print(f"| {name} | {rate:.2f} | {ratio:.2f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
+    p.add_argument("--suite", default=None, help="default: the checkpoint's suite (libero_object for --bench)")
+    p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: all of the checkpoint's)")
+    p.add_argument("--n-eval", type=int, default=20, help="episodes per task")
+    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--eval-workers", type=int, default=os.cpu_count())
+    p.add_argument("--video-dir", help="write an MP4 of every episode here")
+    p.add_argument("--bench", action="store_true", help="measure env steps/s (bare vs 1 vs N workers)")
+    p.add_argument("--img-size", type=int, default=128, help="--bench: image side of the fresh policy")
+    args = p.parse_args(argv)
+    if args.bench:
+        args.suite = args.suite or "libero_object"
+        args.max_steps = min(args.max_steps, 100)
+        return bench(args)
+    if not args.checkpoint:
+        p.error("--checkpoint is required (or --bench)")
+    policy, embs, suite = load_policy(args.checkpoint)
+    args.suite = args.suite or suite
+    n = data.suite_benchmark(args.suite).get_num_tasks()
+    tasks = args.tasks or list(range(min(n, len(embs))))
+    bad = [t for t in tasks if not 0 <= t < min(n, len(embs))]
+    if bad:
+        raise SystemExit(f"--tasks {bad}: {args.suite} has tasks 0..{n - 1}, the checkpoint embeds {len(embs)}.")
+    ev = Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir)
+    try:
+        rates = ev(policy, tasks, embs)
+    finally:
+        ev.close()
+    bench_ = data.suite_benchmark(args.suite)
+    print("| task | instruction | success |\n|---|---|---|")
+    for t in tasks:
+        print(f"| {t} | {bench_.get_task(t).language} | {rates[t]:.2f} |")
+    print(f"| mean | | {np.mean(list(rates.values())):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
