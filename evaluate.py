@@ -96,7 +96,7 @@ def _worker(conn, suite, max_steps, video_dir, env_fn):
             policy.load_state_dict(msg[2])
             task_embs = msg[3]
             continue
-        task, ep = msg
+        task, ep, call = msg
         try:
             if task != env_task:
                 if env is not None:
@@ -110,7 +110,7 @@ def _worker(conn, suite, max_steps, video_dir, env_fn):
                                          max_steps, policy.config["img_size"], frames)
             seconds = time.time() - t0
             if frames:
-                write_video(os.path.join(video_dir, f"task{task}_ep{ep}_{'success' if success else 'fail'}.mp4"),
+                write_video(os.path.join(video_dir, f"eval{call}_task{task}_ep{ep}_{'success' if success else 'fail'}.mp4"),
                             frames)
             conn.send((task, ep, success, steps, seconds, None))
         except Exception:
@@ -138,7 +138,7 @@ class Evaluator:
         self.timeout = episode_timeout or 300 + 2 * max_steps
         self.ctx = mp.get_context("spawn")
         self.procs, self.conns, self.policy_msg = [None] * self.n_workers, [None] * self.n_workers, None
-        self.errors, self.episodes = [], []  # what went wrong; (task, ep, success, steps, seconds) per episode
+        self.errors, self.episodes, self.calls = [], [], 0  # problems; (task, ep, success, steps, s) per episode
         if video_dir:
             os.makedirs(video_dir, exist_ok=True)
 
@@ -173,7 +173,7 @@ class Evaluator:
                 if i not in busy and todo:
                     job = todo.pop(0)
                     try:
-                        self.conns[i].send(job[:2])
+                        self.conns[i].send((job[0], job[1], self.calls))
                     except OSError:
                         pass  # a dead worker: found below
                     busy[i] = (job, time.time())
@@ -207,6 +207,7 @@ class Evaluator:
                     self._start(i)
                 if job[2] == 0:
                     todo.insert(0, (job[0], job[1], 1))
+        self.calls += 1  # numbers the videos of each evaluation
         return {t: wins[t] / self.n_eval for t in task_ids}
 
     def close(self):
