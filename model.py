@@ -111,6 +111,21 @@ class FiLMResNetEncoder(nn.Module):
         return self.proj(kp)
 
 
+@torch.no_grad()
+def fold_batchnorm(encoder):
+    """Fold each eval-mode BatchNorm of a FiLMResNetEncoder into the conv before it: the same function
+    with one pass less over every feature map (about 25% of a forward on CPU). For the frozen pi_old only:
+    a folded encoder no longer has batch statistics to train."""
+    fuse = nn.utils.fusion.fuse_conv_bn_eval
+    encoder.stem = nn.Sequential(fuse(encoder.stem[0], encoder.stem[1]), *encoder.stem[2:])
+    for b in encoder.blocks:
+        b.conv1, b.bn1 = fuse(b.conv1, b.bn1), nn.Identity()
+        b.conv2, b.bn2 = fuse(b.conv2, b.bn2), nn.Identity()
+        if b.downsample is not None:
+            b.downsample = fuse(*b.downsample)
+    return encoder
+
+
 # ----------------------------------------------------------------------------- augmentation
 def _rgb_to_hsv(x):  # (..., 3, H, W) in [0, 1]
     r, g, b = x.unbind(-3)
