@@ -215,12 +215,23 @@ def load_task_data(args, bench, k):
 
 
 def ensure_data(args, bench):
-    """Every task file the run needs, or a clear message on where to get them."""
+    """Every task file the run needs. Missing ones are generated in the simulator by the scripted expert
+    (expert.py), in the official layout, after one line saying where official data would go."""
     names = [bench.get_task(k).name for k in range(args.n_tasks)]
-    missing = [n for n in names if not os.path.exists(data.task_file(args.data_dir, args.suite, n))]
-    if missing:
-        raise SystemExit(f"--data-dir {args.data_dir}: no {data.task_file(args.data_dir, args.suite, missing[0])} "
-                         f"(and {len(missing) - 1} more). " + data.DATA_HELP.format(suite=args.suite))
+    missing = [k for k, n in enumerate(names) if not os.path.exists(data.task_file(args.data_dir, args.suite, n))]
+    if not missing:
+        return
+    import expert
+    where = data.task_file(args.data_dir, args.suite, names[missing[0]])
+    unsupported = [k for k in missing if k not in expert.SUPPORTED.get(args.suite, ())]
+    if unsupported:
+        raise SystemExit(f"--data-dir {args.data_dir}: no {where} (and {len(missing) - 1} more), and the scripted "
+                         f"expert cannot solve {args.suite} task(s) {unsupported}. "
+                         + data.DATA_HELP.format(suite=args.suite))
+    print(f"No official data for {len(missing)} task(s) in --data-dir {args.data_dir} (e.g. {where}; "
+          + data.DATA_HELP.format(suite=args.suite) + f") Collecting {args.n_demos + args.val_demos} scripted "
+          "demonstrations per task in the simulator instead.", flush=True)
+    expert.collect(args.suite, args.data_dir, args.n_demos + args.val_demos, missing, seed=args.seed)
 
 
 def learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res):
@@ -262,8 +273,10 @@ def run(args, evaluate=None):
     bench = data.suite_benchmark(args.suite)
     if not 1 <= args.n_tasks <= bench.get_num_tasks():
         raise SystemExit(f"--n-tasks {args.n_tasks}: {args.suite} has {bench.get_num_tasks()} tasks.")
+    t0 = time.time()
     ensure_data(args, bench)
     res = load_results(args)
+    res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
     languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]
     task_embs = data.task_embeddings(languages, args.task_emb, cache_dir=os.path.join(args.data_dir, ".cache"))
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)

@@ -306,9 +306,26 @@ def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_p
         data.SequenceDataset.from_hdf5(path, 0)
 
 
+def test_missing_data_is_collected_by_the_expert_after_one_line(tmp_path, monkeypatch, capsys):
+    import expert
+    bench, calls = data.suite_benchmark(SUITE), []
+
+    def fake_collect(suite, data_dir, n, task_ids, seed=0):  # the real one runs the simulator (its own tests)
+        calls.append((suite, n, list(task_ids)))
+        for k in task_ids:
+            t = bench.get_task(k)
+            data.write_synthetic_task(data.task_file(data_dir, suite, t.name), t.language, n_demos=n, length=10)
+
+    monkeypatch.setattr(expert, "collect", fake_collect)
+    res = m2distill.run(tiny_args(str(tmp_path / "fresh"), tmp_path / "out"))
+    assert calls == [(SUITE, 3, [0, 1])] and len(res["tasks"]) == 2  # 2 train + 1 held-out demos per task
+    assert "No official data for 2 task(s) in --data-dir" in capsys.readouterr().out
+    monkeypatch.setattr(expert, "SUPPORTED", {})
+    with pytest.raises(SystemExit, match="--data-dir .*cannot solve"):
+        m2distill.run(tiny_args(str(tmp_path / "nowhere"), tmp_path / "out2"))
+
+
 def test_bad_input_gets_a_message_naming_the_fix(suite_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--data-dir"):
-        m2distill.run(tiny_args(str(tmp_path / "nowhere"), tmp_path / "out"))
     with pytest.raises(SystemExit, match="--suite"):
         data.suite_benchmark("libero_objects")
     with pytest.raises(SystemExit, match="--n-demos"):
