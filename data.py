@@ -111,7 +111,7 @@ def write_demo_file(path, demos, *, language, bddl_file_name, env_args, problem_
             e.attrs["num_samples"] = len(d["actions"])
             e.attrs["model_file"] = d["model_file"]
             e.attrs["init_state"] = d["init_state"]
-        g.attrs["env_name"] = "Libero_Tabletop_Manipulation"
+        g.attrs["env_name"] = "_".join(w.capitalize() for w in problem_name.split("_"))  # Libero_Floor_Manipulation
         g.attrs["problem_info"] = json.dumps({"problem_name": problem_name, "domain_name": "robosuite",
                                               "language_instruction": language})
         g.attrs["bddl_file_name"] = bddl_file_name

@@ -15,11 +15,14 @@ import torch
 
 import data
 import evaluate
+import expert
 import m2distill
 import model
 from m2distill import loss_extra, loss_image, loss_policy, loss_text
 
 SUITE = "libero_object"
+needs_simulator = pytest.mark.skipif(importlib.util.find_spec("libero") is None,
+                                     reason="the LIBERO simulator is not installed: pip install -r requirements.txt")
 
 
 def fake_obs(B=2, T=10, img=32, seed=0):
@@ -307,7 +310,6 @@ def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_p
 
 
 def test_missing_data_is_collected_by_the_expert_after_one_line(tmp_path, monkeypatch, capsys):
-    import expert
     bench, calls = data.suite_benchmark(SUITE), []
 
     def fake_collect(suite, data_dir, n, task_ids, seed=0):  # the real one runs the simulator (its own tests)
@@ -447,8 +449,7 @@ class Recorder:
         return self.policy.get_action(obs, task_emb)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libero") is None,
-                    reason="the LIBERO simulator is not installed: pip install -r requirements.txt")
+@needs_simulator
 def test_one_real_libero_episode_feeds_the_policy_dataset_keys():
     env, init_states = evaluate.make_env(SUITE, 0)
     policy = Recorder(model.ResNetT(d_lang=16, img_size=64))
@@ -462,3 +463,119 @@ def test_one_real_libero_episode_feeds_the_policy_dataset_keys():
     assert all(first[c].shape == (1, 64, 64, 3) and first[c].dtype == torch.uint8 for c in data.CAMERAS)
     assert first["joint_states"].shape == (1, 7) and first["gripper_states"].shape == (1, 2)
     assert not torch.equal(policy.seen[0]["joint_states"], policy.seen[-1]["joint_states"])  # the arm moved
+
+
+# ----------------------------------------------------------------------------- the scripted expert
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    """One real expert demo of libero_object task 0, collected with both cameras into a tmp data dir."""
+    root = tmp_path_factory.mktemp("expert_data")
+    paths = expert.collect(SUITE, str(root), demos_per_task=1, task_ids=[0], seed=0)
+    return root, paths[0]
+
+
+@needs_simulator
+def test_collected_file_has_the_official_layout(collected):
+    root, path = collected
+    task = data.suite_benchmark(SUITE).get_task(0)
+    assert path == data.task_file(str(root), SUITE, task.name) and os.path.exists(path)
+    assert not os.path.exists(path + ".partial") and not os.path.exists(path + ".tmp")
+    with h5py.File(path, "r") as f:
+        assert data.check_layout(f, path) == ["demo_0"]
+        g, d = f["data"], f["data/demo_0"]
+        assert json.loads(g.attrs["problem_info"])["language_instruction"] == task.language
+        assert g.attrs["num_demos"] == 1 and g.attrs["total"] == d.attrs["num_samples"] == len(d["actions"])
+        n = len(d["actions"])
+        assert 20 < n <= expert.MAX_STEPS[SUITE]
+        for cam in ("agentview_rgb", "eye_in_hand_rgb"):
+            img = d["obs"][cam][()]
+            assert img.dtype == np.uint8 and img.shape == (n, 128, 128, 3) and img.std() > 5
+        a = d["actions"][()]
+        assert a.dtype.kind == "f" and a.shape == (n, 7) and np.abs(a).max() <= 1.0
+        assert set(np.unique(a[:, 6])) <= {-1.0, 1.0}  # gripper: -1 open, +1 close
+        assert d["dones"].dtype == np.uint8 and d["dones"][-1] == 1 and d["dones"][:-1].sum() == 0
+        assert d["rewards"][-1] == 1
+        np.testing.assert_array_equal(d.attrs["init_state"], d["states"][0])
+        np.testing.assert_allclose(d["obs/ee_states"][()], np.concatenate([d["obs/ee_pos"], d["obs/ee_ori"]], 1))
+        assert d["robot_states"].shape == (n, 9) and "<mujoco" in d.attrs["model_file"]
+    ds = data.SequenceDataset.from_hdf5(path, task_id=0)  # the training reader accepts it
+    assert len(ds) == n
+
+
+@needs_simulator
+def test_replaying_the_recorded_actions_succeeds(collected):
+    """reset, set_init_state(init_state), step the recorded actions: the task's success check fires."""
+    _, path = collected
+    with h5py.File(path, "r") as f:
+        init_state, actions, states = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()], \
+            f["data/demo_0/states"][()]
+    env = expert.make_env(data.suite_benchmark(SUITE).get_task(0), cameras=False)
+    try:
+        env.reset()
+        env.set_init_state(init_state)
+        done_at = None
+        for t, a in enumerate(actions):
+            if t == 1:  # the replay follows the recorded states
+                assert np.abs(env.get_sim_state() - states[1]).max() < 1e-3
+            _, _, done, _ = env.step(a)
+            if done:
+                done_at = t
+                break
+    finally:
+        env.close()
+    assert done_at is not None and done_at >= len(actions) - 5
+
+
+@needs_simulator
+def test_expert_solves_an_official_init_state():
+    bm = data.suite_benchmark(SUITE)
+    env = expert.make_env(bm.get_task(3), cameras=False)
+    try:
+        ok, steps, _ = expert.run_episode(env, SUITE, 3, np.random.default_rng(0),
+                                          init_state=bm.get_task_init_states(3)[0])
+    finally:
+        env.close()
+    assert ok and steps < expert.MAX_STEPS[SUITE]
+
+
+@needs_simulator
+def test_collect_resumes_from_partial_demos(collected, tmp_path):
+    """Finished demos in <path>.partial are used as they are: no simulator runs when they suffice."""
+    _, src = collected
+    with h5py.File(src, "r") as f:
+        d = f["data/demo_0"]
+        demo = {"obs": {k[4:]: d[k][()] for k in data.DEMO_KEYS if k.startswith("obs/")},
+                **{k: d[k][()] for k in data.DEMO_KEYS if not k.startswith("obs/")},
+                "model_file": d.attrs["model_file"], "init_state": d.attrs["init_state"]}
+    path = data.task_file(str(tmp_path), SUITE, data.suite_benchmark(SUITE).get_task(0).name)
+    expert.save_partial(path + ".partial", 0, demo)
+    assert len(expert.load_partial(path + ".partial")) == 1
+    assert expert.collect(SUITE, str(tmp_path), 1, task_ids=[0]) == [path]
+    assert not os.path.exists(path + ".partial")
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["data/demo_0/actions"][()], demo["actions"])
+        np.testing.assert_array_equal(f["data/demo_0/obs/agentview_rgb"][()], demo["obs"]["agentview_rgb"])
+    assert expert.collect(SUITE, str(tmp_path), 5, task_ids=[0]) == [path]  # an existing file is skipped
+
+
+def test_unsupported_tasks_are_reported_not_faked():
+    for suite, tasks in expert.UNSUPPORTED.items():
+        for t in tasks:
+            assert t not in expert.SUPPORTED.get(suite, ())
+            with pytest.raises(NotImplementedError, match=suite):
+                expert.make_expert(suite, t, env=None, obs=None, rng=np.random.default_rng(0))
+
+
+@needs_simulator
+@pytest.mark.parametrize("argv, flag", [
+    (["measure", "--suite", "libero_nope"], "--suite"),
+    (["collect", "--suite", "libero_object", "--demos-per-task", "1", "--tasks", "10"], "--tasks"),
+    (["measure", "--suite", "libero_object", "--tasks", "-1"], "--tasks"),
+    (["measure", "--suite", "libero_object", "--n-init", "51"], "--n-init"),
+    (["collect", "--suite", "libero_object", "--demos-per-task", "0"], "--demos-per-task"),
+])
+def test_cli_bad_input_names_the_flag(argv, flag):
+    with pytest.raises(SystemExit) as e:
+        expert.main(argv)
+    msg = str(e.value)
+    assert msg.startswith(flag) and "\n" not in msg
