@@ -137,32 +137,40 @@ def bench_distill(args):
 
 
 def bench_memory(args):
-    """Peak RSS of loading a suite's tasks and training on them, against their images' uint8 bytes."""
+    """Peak RSS of loading a suite's tasks, then of training on them (M2Distill + replay), against the
+    bytes of their images as uint8. `--steps 0` measures loading alone."""
     bench_ = data.suite_benchmark(args.suite)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = peak()
     sets = [data.SequenceDataset.from_hdf5(data.task_file(args.data_dir, args.suite, bench_.get_task(k).name), k,
                                            img_size=args.img_size) for k in range(args.n_tasks)]
+    loaded = peak()
     img_bytes = sum(ds.obs[c].nbytes for ds in sets for c in data.CAMERAS)
-    embs = data.task_embeddings([bench_.get_task(k).language for k in range(args.n_tasks)], "hash")
-    policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
-    old = m2distill.freeze(policy)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    ns = m2distill.parse_args(["--device", "cpu"])
-    memory = data.ReplayMemory(1000)
-    for ds in sets[:-1]:
-        memory.add(ds)
-    for i in range(args.steps):
-        idx = torch.randint(len(sets[-1]), (args.batch_size,))
-        b = m2distill.to_device(m2distill.make_batch(sets[-1], idx, memory, args.batch_size), embs, "cpu")
-        m2distill.train_step(policy, old, b, opt, ns)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"\n## c. peak memory, {args.n_tasks} tasks of {args.suite} at {args.img_size} px, M2Distill with replay, "
-          f"batch {args.batch_size}")
+    rows = [("images of the loaded demos, uint8", img_bytes), ("process peak before loading (torch, LIBERO)", rss0),
+            ("peak after loading", loaded)]
+    if args.steps:
+        embs = data.task_embeddings([bench_.get_task(k).language for k in range(args.n_tasks)], "hash")
+        policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
+        old = m2distill.freeze(policy)
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+        ns = m2distill.parse_args(["--device", "cpu"])
+        memory = data.ReplayMemory(1000)
+        for ds in sets[:-1]:
+            memory.add(ds)
+        for _ in range(args.steps):
+            idx = torch.randint(len(sets[-1]), (args.batch_size,))
+            b = m2distill.to_device(m2distill.make_batch(sets[-1], idx, memory, args.batch_size), embs, "cpu")
+            m2distill.train_step(policy, old, b, opt, ns)
+        rows.append((f"peak after {args.steps} M2Distill steps, batch {args.batch_size} + {args.batch_size} replayed",
+                     peak()))
+    print(f"\n## c. memory, {args.n_tasks} tasks of {args.suite} ({sum(ds.n_demos for ds in sets)} demos) at "
+          f"{args.img_size} px")
     print("| what | MB |\n|---|---|")
-    print(f"| images of the loaded demos, uint8 | {img_bytes / 2**20:.0f} |")
-    print(f"| process peak RSS before loading (torch, LIBERO imports) | {rss0 / 2**20:.0f} |")
-    print(f"| process peak RSS after loading and {args.steps} training steps | {peak / 2**20:.0f} |")
-    print(f"| **(peak - baseline) / uint8 images** | **{(peak - rss0) / img_bytes:.2f}x** |")
+    for name, b in rows:
+        print(f"| {name} | {b / 2**20:.0f} |")
+    print(f"| **(peak after loading - before) / uint8 images** | **{(loaded - rss0) / img_bytes:.2f}x** |")
+    if args.steps:
+        print(f"| **(peak after training - before) / uint8 images** | **{(rows[-1][1] - rss0) / img_bytes:.2f}x** |")
 
 
 def time_split(path):
