@@ -156,11 +156,20 @@ class SequenceDataset:
             names = check_layout(f, path)
             demos = names[demos]
             language = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
-            read = lambda key: np.concatenate([f[f"data/{d}/{key}"][()] for d in demos])
-            obs = {k: torch.from_numpy(resize_images(read(f"obs/{k}"), img_size)) for k in CAMERAS}
-            obs.update({k: torch.from_numpy(read(f"obs/{k}").astype(np.float32)) for k in LOW_DIM})
-            actions = torch.from_numpy(read("actions").astype(np.float32))
             lengths = torch.tensor([len(f[f"data/{d}/actions"]) for d in demos])
+            ends = torch.cumsum(lengths, 0).tolist()
+
+            def read(key, fn):  # demo by demo into one preallocated array: no full-size transient copy
+                out = None
+                for d, n, end in zip(demos, lengths.tolist(), ends):
+                    x = fn(f[f"data/{d}/{key}"][()])
+                    out = np.empty((ends[-1], *x.shape[1:]), x.dtype) if out is None else out
+                    out[end - n:end] = x
+                return torch.from_numpy(out)
+
+            obs = {k: read(f"obs/{k}", lambda x: resize_images(x, img_size)) for k in CAMERAS}
+            obs.update({k: read(f"obs/{k}", lambda x: x.astype(np.float32)) for k in LOW_DIM})
+            actions = read("actions", lambda x: x.astype(np.float32))
         demo_end = torch.repeat_interleave(torch.cumsum(lengths, 0) - 1, lengths)  # (N,)
         ds = cls(obs, actions, demo_end, task_id, language, seq_len)
         ds.n_demos, ds.total_demos = len(demos), len(names)
