@@ -18,6 +18,7 @@ SUITES = ("libero_object", "libero_spatial", "libero_goal", "libero_10", "libero
 CAMERAS = ("agentview_rgb", "eye_in_hand_rgb")  # dataset keys, in token order
 LOW_DIM = {"joint_states": 7, "gripper_states": 2}  # the "extra" modalities, in token order
 ACTION_DIM = 7
+N_SETTLE = 5  # zero actions after reset/set_init_state before an episode counts; the datasets drop them
 # Every key of one official demo group, with its per-step shape (None: any) and dtype kind.
 DEMO_KEYS = {
     "obs/agentview_rgb": (None, "u"), "obs/eye_in_hand_rgb": (None, "u"),

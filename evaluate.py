@@ -24,12 +24,11 @@ import numpy as np
 import torch
 
 import data
-from data import CAMERAS
+from data import CAMERAS, N_SETTLE
 
 # dataset key -> env observation key (LIBERO's obs_key_mapping)
 ENV_KEYS = {"agentview_rgb": "agentview_image", "eye_in_hand_rgb": "robot0_eye_in_hand_image",
             "joint_states": "robot0_joint_pos", "gripper_states": "robot0_gripper_qpos"}
-N_SETTLE = 5  # zero actions after set_init_state; the datasets drop these steps too
 
 
 # ----------------------------------------------------------------------------- one episode

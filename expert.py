@@ -41,7 +41,7 @@ UNSUPPORTED = {  # suite -> {task_id: why}
     },
 }
 MAX_STEPS = {"libero_object": 300, "libero_spatial": 400, "libero_goal": 400}
-N_SETTLE = 5  # unrecorded zero actions after reset (LIBERO's evaluation does the same)
+N_SETTLE = data.N_SETTLE  # unrecorded zero actions after reset (LIBERO's evaluation does the same)
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 MJ_BOX = 6  # mujoco.mjtGeom.mjGEOM_BOX
 
