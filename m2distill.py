@@ -118,9 +118,7 @@ def total_loss(out, old, batch, args):
 def freeze(policy):
     """The previous-step model pi_old: a deep copy in eval mode that takes no gradient (its batch norms
     folded into their convs: the same outputs, a cheaper forward)."""
-    old = copy.deepcopy(policy).eval()
-    for encoder in old.image_encoders.values():
-        fold_batchnorm(encoder)
+    old = fold_batchnorm(copy.deepcopy(policy))
     for p in old.parameters():
         p.requires_grad_(False)
     return old

@@ -112,18 +112,19 @@ class FiLMResNetEncoder(nn.Module):
 
 
 @torch.no_grad()
-def fold_batchnorm(encoder):
-    """Fold each eval-mode BatchNorm of a FiLMResNetEncoder into the conv before it: the same function
-    with one pass less over every feature map (about 25% of a forward on CPU). For the frozen pi_old only:
-    a folded encoder no longer has batch statistics to train."""
+def fold_batchnorm(policy):
+    """Fold each BatchNorm of the policy's image encoders into the conv before it: the same function
+    with one pass less over every feature map (~10-25% of a forward on CPU). For inference only (pi_old,
+    rollouts): puts the policy in eval mode, and a folded encoder has no batch statistics to train."""
     fuse = nn.utils.fusion.fuse_conv_bn_eval
-    encoder.stem = nn.Sequential(fuse(encoder.stem[0], encoder.stem[1]), *encoder.stem[2:])
-    for b in encoder.blocks:
-        b.conv1, b.bn1 = fuse(b.conv1, b.bn1), nn.Identity()
-        b.conv2, b.bn2 = fuse(b.conv2, b.bn2), nn.Identity()
-        if b.downsample is not None:
-            b.downsample = fuse(*b.downsample)
-    return encoder
+    for encoder in policy.eval().image_encoders.values():
+        encoder.stem = nn.Sequential(fuse(encoder.stem[0], encoder.stem[1]), *encoder.stem[2:])
+        for b in encoder.blocks:
+            b.conv1, b.bn1 = fuse(b.conv1, b.bn1), nn.Identity()
+            b.conv2, b.bn2 = fuse(b.conv2, b.bn2), nn.Identity()
+            if b.downsample is not None:
+                b.downsample = fuse(*b.downsample)
+    return policy
 
 
 # ----------------------------------------------------------------------------- augmentation
