@@ -527,6 +527,31 @@ def test_replaying_the_recorded_actions_succeeds(collected):
 
 
 @needs_simulator
+def test_rollout_inputs_match_the_training_inputs_along_a_demo(collected):
+    """Replaying a demo in the evaluator's env, policy_obs gives the policy what the dataset gave it at the
+    same step: same camera per key, same orientation (no flip), same joint and gripper states."""
+    _, path = collected
+    ds = data.SequenceDataset.from_hdf5(path, task_id=0, img_size=32)
+    with h5py.File(path, "r") as f:
+        init_state, actions = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()]
+    env, _ = evaluate.make_env(SUITE, 0)
+    try:
+        env.reset()
+        obs = env.set_init_state(init_state)
+        for t in range(12):
+            x = evaluate.policy_obs(obs, 32)
+            if t % 4 == 0:
+                for c in data.CAMERAS:  # renders after set_init_state differ by a few grey levels at most
+                    diff = (x[c][0].float() - torch.as_tensor(ds.obs[c][t]).float()).abs()
+                    assert diff.mean() < 2 and diff.mean() < (x[c][0].float() - x[c][0].flip(0).float()).abs().mean() / 5
+                for k in data.LOW_DIM:
+                    np.testing.assert_allclose(x[k][0].numpy(), np.asarray(ds.obs[k][t]), atol=1e-2)
+            obs, _, _, _ = env.step(actions[t])
+    finally:
+        env.close()
+
+
+@needs_simulator
 def test_expert_solves_an_official_init_state():
     bm = data.suite_benchmark(SUITE)
     env = expert.make_env(bm.get_task(3), cameras=False)
