@@ -2,7 +2,7 @@
 
     python bench.py                                  # b: M2Distill step / ER step;  c: peak memory / uint8 images
     python bench.py --libero-dir DIR [--libero-site SITE]   # a: ours vs LIBERO's own BCTransformerPolicy
-    python bench.py --results runs/<run>/results.json       # d: a finished run's time, data / train / eval
+    python bench.py --results runs/<run>/results.json       # d: a finished run's time, collect / data / train / eval
 
 a. runs LIBERO's unmodified policy code from a checkout outside this repository (DIR holds its
    `libero/lifelong`; SITE holds what that code imports and we do not: robomimic==0.2.0, einops,
@@ -179,7 +179,7 @@ def time_split(path):
     total = sum(s.values())
     print(f"\n## d. time of the run in {path} ({len(res['tasks'])} tasks)")
     print("| part | minutes | share |\n|---|---|---|")
-    for k in ("data", "train", "eval"):
+    for k in ("collect", "data", "train", "eval"):
         print(f"| {k} | {s.get(k, 0) / 60:.1f} | {s.get(k, 0) / total:.0%} |")
     print(f"| total | {total / 60:.1f} | |")
 
@@ -194,7 +194,7 @@ def main():
     p.add_argument("--suite", default="libero_object")
     p.add_argument("--data-dir", default="data", help="c.: demonstrations to load (skipped when absent)")
     p.add_argument("--n-tasks", type=int, default=3)
-    p.add_argument("--results", help="d.: a results.json to split into data / train / eval time")
+    p.add_argument("--results", help="d.: a results.json to split into collect / data / train / eval time")
     p.add_argument("--only", choices=["a", "b", "c", "d"], help="run one measurement")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
