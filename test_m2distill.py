@@ -551,6 +551,38 @@ def test_rollout_inputs_match_the_training_inputs_along_a_demo(collected):
         env.close()
 
 
+class ReplayPolicy:
+    """Plays a demo's recorded actions in order, whatever it sees: a policy that is right by construction."""
+
+    def __init__(self, actions):
+        self.actions, self.t = actions, 0
+
+    def reset(self):
+        self.t = 0
+
+    def get_action(self, obs, task_emb):
+        self.t += 1
+        return self.actions[self.t - 1][None]  # (1, 7)
+
+
+@needs_simulator
+def test_the_evaluator_scores_a_right_policy_as_a_success(collected):
+    """A zero success rate is the policy's, not the evaluator's: through evaluate.run_episode (reset, init
+    state, settle steps, the policy's actions, the env's done), the demo's own actions succeed at the demo's
+    last step, and the same actions cut 10 steps short are a failure."""
+    _, path = collected
+    with h5py.File(path, "r") as f:
+        init_state, actions = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()]
+    n = len(actions)
+    env, _ = evaluate.make_env(SUITE, 0)
+    try:
+        success, steps = evaluate.run_episode(env, ReplayPolicy(actions), torch.zeros(4), init_state, n + 20, 32)
+        assert success and n - 5 <= steps <= n
+        assert evaluate.run_episode(env, ReplayPolicy(actions), torch.zeros(4), init_state, n - 10, 32) == (False, n - 10)
+    finally:
+        env.close()
+
+
 @needs_simulator
 def test_expert_solves_an_official_init_state():
     bm = data.suite_benchmark(SUITE)
