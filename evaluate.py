@@ -278,14 +278,15 @@ def plot_success_matrix(conf_mat, metrics, path, title=""):
 
 # ----------------------------------------------------------------------------- command line
 def load_policy(path):
-    """A checkpoint written by m2distill.py -> (policy, task embeddings, its suite)."""
+    """A checkpoint written by m2distill.py -> (policy, task embeddings, its suite, the tasks it has learned)."""
     from model import ResNetT
     if not os.path.exists(path):
         raise SystemExit(f"--checkpoint {path}: no such file; m2distill.py writes <out>/task<k>.pt.")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     policy = ResNetT(**ckpt["config"])
     policy.load_state_dict(ckpt["state_dict"])
-    return policy.eval(), ckpt["task_embs"], ckpt.get("suite")
+    learned = list(range(ckpt["task"] + 1)) if "task" in ckpt else list(range(len(ckpt["task_embs"])))
+    return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), learned
 
 
 class TimedPolicy:
@@ -350,7 +351,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
     p.add_argument("--suite", default=None, help="default: the checkpoint's suite (libero_object for --bench)")
-    p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: all of the checkpoint's)")
+    p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: the tasks the checkpoint has learned, 0..k for task<k>.pt)")
     p.add_argument("--n-eval", type=int, default=20, help="episodes per task")
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--eval-workers", type=int, default=os.cpu_count())
@@ -364,10 +365,10 @@ def main(argv=None):
         return bench(args)
     if not args.checkpoint:
         p.error("--checkpoint is required (or --bench)")
-    policy, embs, suite = load_policy(args.checkpoint)
+    policy, embs, suite, learned = load_policy(args.checkpoint)
     args.suite = args.suite or suite
     n = data.suite_benchmark(args.suite).get_num_tasks()
-    tasks = args.tasks or list(range(min(n, len(embs))))
+    tasks = args.tasks or [t for t in learned if t < n]
     bad = [t for t in tasks if not 0 <= t < min(n, len(embs))]
     if bad:
         raise SystemExit(f"--tasks {bad}: {args.suite} has tasks 0..{n - 1}, the checkpoint embeds {len(embs)}.")

@@ -269,7 +269,9 @@ def test_two_tasks_end_to_end(suite_dir, tmp_path, algo):
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["tasks"] == res["tasks"] and len(saved["tasks"]) == 2
     assert [len(r) for r in saved["nll"]] == [1, 2] and all(np.isfinite(saved["nll"][1]))
-    assert os.path.exists(tmp_path / "task1.pt")
+    for k in range(2):  # task<k>.pt has learned tasks 0..k of the suite's 10: evaluate.py scores those by default
+        policy, embs, suite, learned = evaluate.load_policy(str(tmp_path / f"task{k}.pt"))
+        assert suite == SUITE and len(embs) == 10 and learned == list(range(k + 1))
 
 
 def test_resume_does_not_redo_a_finished_task(suite_dir, tmp_path, monkeypatch):
