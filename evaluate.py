@@ -285,8 +285,7 @@ def load_policy(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     policy = ResNetT(**ckpt["config"])
     policy.load_state_dict(ckpt["state_dict"])
-    learned = list(range(ckpt["task"] + 1)) if "task" in ckpt else list(range(len(ckpt["task_embs"])))
-    return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), learned
+    return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), list(range(ckpt["task"] + 1))
 
 
 class TimedPolicy:
