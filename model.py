@@ -155,12 +155,16 @@ def augment_obs(obs, generator=None):
     return {**obs, **{c: y[:, i] for i, c in enumerate(CAMERAS)}}
 
 
-def augment(x, jitter=0.3, p_jitter=0.9, pad=4, generator=None):
+def augment(x, jitter=0.3, p_jitter=0.9, pad=None, generator=None):
     """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps:
     colour jitter (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a
-    random shift (replicate-pad 4 px, random HxW crop). One draw per sample, shared by all V images.
-    (torchvision applies the four jitters in a random order; here they run in that fixed order.)"""
+    random shift (replicate-pad `pad` px, random HxW crop). One draw per sample, shared by all V images.
+    LIBERO's TranslationAug (libero/lifelong/models/modules/data_augmentation.py, translation 8) pads
+    4 px at 128 px, a shift of up to 1/32 of the image: `pad` defaults to that fraction of H (1 px at
+    32, 2 at 64, 4 at 128). The jitters act per pixel or on image means, so their strength does not
+    depend on the size. (torchvision applies the four jitters in a random order; here a fixed one.)"""
     B, V, C, H, W = x.shape
+    pad = max(1, round(H / 32)) if pad is None else pad
     u = lambda: (torch.rand(B, 1, 1, 1, 1, generator=generator) * 2 - 1) * jitter  # (B, 1, 1, 1, 1)
     on = (torch.rand(B, 1, 1, 1, 1, generator=generator) < p_jitter).float()
     gray = lambda y: (0.299 * y[:, :, :1] + 0.587 * y[:, :, 1:2] + 0.114 * y[:, :, 2:])  # (B, V, 1, H, W)

@@ -115,7 +115,7 @@ def test_get_action_reads_the_latent_queue():
 
 def test_augmentation_is_one_shift_shared_by_cameras_and_steps():
     x = torch.rand(3, 4, 3, 16, 16)
-    y = model.augment(x, jitter=0.0, generator=torch.Generator().manual_seed(1))
+    y = model.augment(x, jitter=0.0, pad=4, generator=torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(x.flatten(1, 2), (4,) * 4, mode="replicate").unflatten(1, (4, 3))
     for b in range(3):  # each sample is one crop of its padded images, the same offset for all 4 images
         hits = [(i, j) for i in range(9) for j in range(9)
@@ -125,6 +125,30 @@ def test_augmentation_is_one_shift_shared_by_cameras_and_steps():
     aug = model.augment_obs(obs, torch.Generator().manual_seed(2))
     assert aug["agentview_rgb"].dtype == torch.uint8 and aug["agentview_rgb"].shape == obs["agentview_rgb"].shape
     assert torch.equal(aug["joint_states"], obs["joint_states"])
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_random_shift_keeps_liberos_fraction_of_the_image(size):
+    """LIBERO pads 4 px at 128 px: shifts of up to 1/32 of the image at every size (1 px at 32, 2 at 64)."""
+    p, B = size // 32, 48
+    x = torch.rand(B, 1, 3, size, size)
+    y = model.augment(x, jitter=0.0, generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x.flatten(1, 2), (p,) * 4, mode="replicate")  # (B, 3, H+2p, W+2p)
+    offsets = []
+    for b in range(B):
+        hits = [(i, j) for i in range(2 * p + 1) for j in range(2 * p + 1)
+                if torch.allclose(y[b, 0], padded[b, :, i:i + size, j:j + size], atol=1e-6)]
+        assert len(hits) == 1, f"sample {b}: not a crop within +-{p} px"
+        offsets += hits[0]
+    assert min(offsets) == 0 and max(offsets) == 2 * p  # the whole range is used
+
+
+def test_colour_jitter_strength_does_not_depend_on_the_image_size():
+    x = torch.rand(4, 2, 3, 8, 8)
+    big = x.repeat_interleave(4, -1).repeat_interleave(4, -2)  # the same picture at 32 px
+    small_aug = model.augment(x, pad=0, generator=torch.Generator().manual_seed(3))
+    big_aug = model.augment(big, pad=0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(big_aug, small_aug.repeat_interleave(4, -1).repeat_interleave(4, -2), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- losses
