@@ -249,8 +249,9 @@ def lifelong_metrics(conf_mat, fwt_k):
             "auc": float(np.mean(auc_k))}
 
 
-def plot_success_matrix(conf_mat, metrics, path, title=""):
-    """The success matrix as a PNG heatmap (rows: after task k; columns: task), metrics in the title."""
+def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None):
+    """The success matrix as a PNG heatmap (rows: after the k-th task; columns: task, labelled with its
+    LIBERO id `task_ids[k]`, default k), metrics in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -265,8 +266,9 @@ def plot_success_matrix(conf_mat, metrics, path, title=""):
             ax.text(tau, k, f"{c[k, tau]:.2f}", ha="center", va="center", color="w" if c[k, tau] < 0.6 else "k")
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after learning task")
-    ax.set_xticks(range(K))
-    ax.set_yticks(range(K))
+    labels = task_ids or list(range(K))
+    ax.set_xticks(range(K), labels)
+    ax.set_yticks(range(K), labels)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     ax.set_title(f"{title}\nFWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}",
                  fontsize=9)
@@ -285,7 +287,7 @@ def load_policy(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     policy = ResNetT(**ckpt["config"])
     policy.load_state_dict(ckpt["state_dict"])
-    return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), list(range(ckpt["task"] + 1))
+    return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), ckpt.get("tasks", list(range(ckpt["task"] + 1)))
 
 
 class TimedPolicy:

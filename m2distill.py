@@ -174,28 +174,58 @@ def save_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(policy, task_embs, args, k, path):
-    torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
-                "suite": args.suite, "task": k, "algo": args.algo}, path + ".tmp")
+def save_checkpoint(policy, task_embs, args, j, path):
+    """task<j>.pt: the policy after the j-th task of the run; `tasks` lists the LIBERO task ids it has learned."""
+    save_torch({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
+                "suite": args.suite, "task": j, "tasks": args.tasks[:j + 1], "algo": args.algo}, path)
+
+
+def save_torch(obj, path):
+    torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-RUN_FLAGS = ("suite", "algo", "n_tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
+RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
              "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip")
 
 
+PER_TASK = ("tasks", "task_ids", "success", "curves", "fwt_k", "nll")  # results.json lists, one entry per task
+# Flags that act only from the second task on: every algorithm learns the first task the same way.
+LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
+               "kl_samples", "kl_direction", "kl_timesteps")
+
+
 def load_results(args):
-    """The results of an earlier run in --out with the same flags (resume), or a fresh record."""
+    """The results of an earlier run in --out with the same flags (resume), or a fresh record; a fresh
+    record starts from another run's first task with --first-task-from."""
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
-    if not os.path.exists(path):
-        return {"run": run, "tasks": [], "success": [], "curves": [], "fwt_k": [], "nll": [], "seconds": {}}
-    res = json.load(open(path))
-    diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
-    if diff:
-        raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
-                         "pass another --out, or delete that folder to start over.")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
+        if diff:
+            raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
+                             "pass another --out, or delete that folder to start over.")
+        return res
+    res = {"run": run, **{k: [] for k in PER_TASK}, "seconds": {}}
+    return first_task_from(args, res) if args.first_task_from else res
+
+
+def first_task_from(args, res):
+    """Take the first task from the finished run in `args.first_task_from` (its task0.pt and its results'
+    first entries), so that Sequential, ER and M2Distill start task 2 from one and the same policy."""
+    src = args.first_task_from
+    other = json.load(open(os.path.join(src, "results.json")))
+    diff = [k for k in RUN_FLAGS if k not in LATER_FLAGS and k != "tasks" and other["run"].get(k) != getattr(args, k)]
+    if other["run"].get("tasks", [None])[:1] != args.tasks[:1]:
+        diff.append("tasks (the first one)")
+    if diff or not other["tasks"]:
+        raise SystemExit(f"--first-task-from {src}: " + (f"that run has other flags ({', '.join(diff)})" if diff
+                         else "that run has not finished its first task") + "; train the first task here instead.")
+    save_torch(torch.load(os.path.join(src, "task0.pt"), map_location="cpu", weights_only=False),
+               os.path.join(args.out, "task0.pt"))
+    res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src)
     return res
 
 
@@ -215,12 +245,12 @@ def load_task_data(args, bench, k):
 def ensure_data(args, bench):
     """Every task file the run needs. Missing ones are generated in the simulator by the scripted expert
     (expert.py), in the official layout, after one line saying where official data would go."""
-    names = [bench.get_task(k).name for k in range(args.n_tasks)]
-    missing = [k for k, n in enumerate(names) if not os.path.exists(data.task_file(args.data_dir, args.suite, n))]
+    path = lambda k: data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
+    missing = [k for k in args.tasks if not os.path.exists(path(k))]
     if not missing:
         return
     import expert
-    where = data.task_file(args.data_dir, args.suite, names[missing[0]])
+    where = path(missing[0])
     unsupported = [k for k in missing if k not in expert.SUPPORTED.get(args.suite, ())]
     if unsupported:
         raise SystemExit(f"--data-dir {args.data_dir}: no {where} (and {len(missing) - 1} more), and the scripted "
@@ -232,14 +262,33 @@ def ensure_data(args, bench):
     expert.collect(args.suite, args.data_dir, args.n_demos + args.val_demos, missing, seed=args.seed)
 
 
-def learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res):
-    """LIBERO's learn_one_task: fresh AdamW + cosine schedule, epochs 1..E, rollouts of the current
-    task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one) loaded at the end."""
+def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
+    """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E,
+    rollouts of the task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one)
+    loaded at the end. After every epoch the whole training state (weights, optimizer, schedule, random
+    streams, curve, best so far) goes to <out>/progress.pt, so a run killed mid-task resumes from its last
+    finished epoch and ends exactly as an uninterrupted one would."""
+    k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=1e-5)
-    g = torch.Generator().manual_seed(args.seed * 1000 + k)
-    curve, best, best_state = [], -1.0, None
-    for epoch in range(args.epochs + 1):
+    g = torch.Generator().manual_seed(args.seed * 1000 + j)  # batches and replay draws
+    torch.manual_seed(args.seed * 1000 + j)  # augmentation, dropout, KL samples: one stream per task
+    st = {"task": j, "epoch": -1, "curve": [], "best": -1.0, "best_state": None, "best_idx": 0}
+    progress = os.path.join(args.out, "progress.pt")
+    if os.path.exists(progress):
+        saved = torch.load(progress, map_location=args.device, weights_only=False)
+        if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
+            policy.load_state_dict(saved["policy"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            g.set_state(saved["g"])
+            torch.set_rng_state(saved["rng"])
+            if saved["cuda_rng"]:
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
+            res["seconds"].update({k_: saved["seconds"][k_] for k_ in ("train", "eval") if k_ in saved["seconds"]})
+            st = {k_: saved[k_] for k_ in st}
+            tqdm.write(f"task {k}: resuming after epoch {st['epoch']} ({progress})")
+    for epoch in range(st["epoch"] + 1, args.epochs + 1):
         if epoch > 0:
             t0 = time.time()
             order = torch.randperm(len(train), generator=g).split(args.batch_size)
@@ -252,12 +301,17 @@ def learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res):
             res["seconds"]["train"] = res["seconds"].get("train", 0) + time.time() - t0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             success = evaluate(policy, [k])[k]
-            curve.append(success)
+            st["curve"].append(success)
             tqdm.write(f"task {k} epoch {epoch}: success {success}")
-            if success is None or success >= best:
-                best, best_state = (success or 0.0), copy.deepcopy(policy.state_dict())
-                best_idx = len(curve) - 1
-    policy.load_state_dict(best_state)
+            if success is None or success >= st["best"]:
+                st.update(best=success or 0.0, best_state=copy.deepcopy(policy.state_dict()),
+                          best_idx=len(st["curve"]) - 1)
+        st["epoch"] = epoch
+        save_torch({**st, "policy": policy.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "g": g.get_state(), "rng": torch.get_rng_state(), "seconds": res["seconds"],
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, progress)
+    policy.load_state_dict(st["best_state"])
+    curve, best_idx = st["curve"], st["best_idx"]
     held = [c if i < best_idx else curve[best_idx] for i, c in enumerate(curve)]  # held at its best
     fwt_k = None if curve[0] is None else float(np.mean(held))
     return curve, fwt_k
@@ -269,8 +323,10 @@ def run(args, evaluate=None):
     np.random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     bench = data.suite_benchmark(args.suite)
-    if not 1 <= args.n_tasks <= bench.get_num_tasks():
-        raise SystemExit(f"--n-tasks {args.n_tasks}: {args.suite} has {bench.get_num_tasks()} tasks.")
+    n = bench.get_num_tasks()
+    if not all(0 <= k < n for k in args.tasks) or len(set(args.tasks)) < len(args.tasks):
+        raise SystemExit(f"--tasks {' '.join(map(str, args.tasks))}: {args.suite} has tasks 0..{n - 1}; "
+                         "give each at most once (or --n-tasks N for tasks 0..N-1).")
     t0 = time.time()
     ensure_data(args, bench)
     res = load_results(args)
@@ -308,29 +364,32 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
     memory = data.ReplayMemory(args.n_memories) if use_replay else None
     old, vals = None, []
     done = len(res["tasks"])
-    for k in range(args.n_tasks):
+    for j, k in enumerate(args.tasks):  # j: the task's place in the run, k: its LIBERO task id
         t0 = time.time()
         train, val = load_task_data(args, bench, k)
         vals.append(val)
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
-        if k < done:  # finished before the run was stopped: restore, do not redo
-            if k == done - 1:
-                policy.load_state_dict(torch.load(os.path.join(args.out, f"task{k}.pt"))["state_dict"])
+        if j < done:  # finished before the run was stopped: restore, do not redo
+            if j == done - 1:
+                policy.load_state_dict(torch.load(os.path.join(args.out, f"task{j}.pt"))["state_dict"])
         else:
-            tqdm.write(f"== task {k}: {bench.get_task(k).language} ({len(train)} sequences)")
-            curve, fwt_k = learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res)
-            row = evaluate(policy, list(range(k + 1)))
-            res["success"].append([row[i] for i in range(k + 1)])
+            tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
+                       f"({len(train)} sequences)")
+            curve, fwt_k = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
+            row = evaluate(policy, args.tasks[:j + 1])
+            res["success"].append([row[i] for i in args.tasks[:j + 1]])
             res["curves"].append(curve)
             res["fwt_k"].append(fwt_k)
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
+            res["task_ids"].append(k)
             if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
                 res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
                 rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
-                                             f"{args.suite} {args.algo} seed {args.seed}")
-            save_checkpoint(policy, task_embs, args, k, os.path.join(args.out, f"task{k}.pt"))
+                                             f"{args.suite} {args.algo} seed {args.seed}", res["task_ids"])
+            save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"))
             save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
+            os.remove(os.path.join(args.out, "progress.pt"))
             tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}")
         if memory is not None:
             memory.add(train)
@@ -350,6 +409,9 @@ def parse_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--seed", type=int, default=10000)
     a("--n-tasks", type=int, help="learn tasks 0..n-1 of the suite, in LIBERO's task order 0")
+    a("--tasks", type=int, nargs="+", help="learn these LIBERO task ids in this order (default 0..n-1)")
+    a("--first-task-from", metavar="RUN", help="start from the first task of this finished run (same data, "
+      "flags and first task; any algorithm): task 0 is trained once for a whole comparison")
     a("--epochs", type=int)
     a("--batch-size", type=int, help="current-task sequences per step (ER adds as many replayed)")
     a("--lr", type=float, default=1e-4)
@@ -375,9 +437,13 @@ def parse_args(argv=None):
     a("--task-emb", default="minilm", choices=["minilm", "bert", "onehot", "hash"])
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.device.startswith("cuda") else "cpu")
+    if args.tasks and args.n_tasks not in (None, len(args.tasks)):
+        p.error(f"--n-tasks {args.n_tasks} and --tasks {' '.join(map(str, args.tasks))}: give one of them")
+    args.n_tasks = len(args.tasks) if args.tasks else args.n_tasks
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.tasks = args.tasks or list(range(args.n_tasks))
     args.out = args.out or os.path.join("runs", f"{args.suite}_{args.algo}_s{args.seed}")
     for flag in ("epochs", "batch_size", "n_demos", "eval_every", "max_steps", "seq_len", "kl_samples"):
         if getattr(args, flag) < 1:

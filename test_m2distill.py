@@ -47,8 +47,10 @@ def tiny_args(suite_dir, out, algo="m2distill", **kw):
     argv = ["--suite", SUITE, "--data-dir", suite_dir, "--out", str(out), "--algo", algo, "--n-tasks", "2",
             "--epochs", "1", "--batch-size", "8", "--n-demos", "2", "--val-demos", "1", "--img-size", "32",
             "--n-eval", "0", "--task-emb", "hash", "--device", "cpu"]
+    if "tasks" in kw:
+        argv.remove("--n-tasks"), argv.remove("2")
     for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
     return m2distill.parse_args(argv)
 
 
@@ -323,6 +325,71 @@ def test_resume_does_not_redo_a_finished_task(suite_dir, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- data and bad input
+def scripted_rollouts(calls=None):
+    """A stand-in evaluator: a 'success rate' that is a function of the task id and the policy's weights."""
+    def rollouts(policy, ids):
+        if calls is not None:
+            calls.append(list(ids))
+        w = sum(p.double().sum().item() for p in policy.parameters())
+        return {i: round((w * (i + 1)) % 1, 4) for i in ids}
+    return rollouts
+
+
+def test_tasks_are_learned_in_the_given_order(suite_dir, tmp_path):
+    calls = []
+    res = m2distill.run(tiny_args(suite_dir, tmp_path, tasks=[1, 0]), evaluate=scripted_rollouts(calls))
+    bench = data.suite_benchmark(SUITE)
+    assert res["task_ids"] == [1, 0] and res["tasks"] == [bench.get_task(1).name, bench.get_task(0).name]
+    assert calls == [[1], [1], [1], [0], [0], [1, 0]]  # task 1 first: its curve, its row; then task 0
+    assert [len(r) for r in res["success"]] == [1, 2] and res["run"]["tasks"] == [1, 0]
+    _, _, _, learned = evaluate.load_policy(str(tmp_path / "task0.pt"))
+    assert learned == [1]  # the first checkpoint has learned LIBERO task 1 only
+    with pytest.raises(SystemExit, match="--tasks"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "bad", tasks=[1, 1]))
+
+
+def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_dir, tmp_path, monkeypatch):
+    args = lambda out: tiny_args(suite_dir, out, epochs=2, eval_every=1)
+    ref = m2distill.run(args(tmp_path / "ref"), evaluate=scripted_rollouts())
+    step, n = m2distill.train_step, {"calls": 0}
+
+    def killed(*a):
+        n["calls"] += 1
+        if n["calls"] == 13:  # task 0 takes 2 x 4 steps, task 1 2 x 3: the middle of task 1's second epoch
+            raise KeyboardInterrupt
+        return step(*a)
+
+    monkeypatch.setattr(m2distill, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(args(tmp_path / "cut"), evaluate=scripted_rollouts())
+    assert torch.load(tmp_path / "cut" / "progress.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(m2distill, "train_step", step)
+    res = m2distill.run(args(tmp_path / "cut"), evaluate=scripted_rollouts())
+    for k in ("success", "curves", "fwt_k", "nll"):
+        assert res[k] == ref[k], k
+    a, b = (torch.load(tmp_path / d / "task1.pt")["state_dict"] for d in ("ref", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same weights: optimizer, schedule and random streams restored
+    assert not os.path.exists(tmp_path / "cut" / "progress.pt")
+
+
+def test_every_algorithm_shares_the_first_task_and_can_start_from_anothers(suite_dir, tmp_path, monkeypatch):
+    runs = {a: m2distill.run(tiny_args(suite_dir, tmp_path / a, a, tasks=[0])) for a in ("sequential", "er", "m2distill")}
+    first = {a: torch.load(tmp_path / a / "task0.pt")["state_dict"] for a in runs}
+    assert all(torch.equal(first["sequential"][k], first[a][k]) for a in ("er", "m2distill") for k in first[a])
+    src = tmp_path / "seq2"
+    m2distill.run(tiny_args(suite_dir, src, "sequential"))
+    learned = []
+    learn = m2distill.learn_task
+    monkeypatch.setattr(m2distill, "learn_task", lambda *a: (learned.append(a[6]), learn(*a))[1])
+    res = m2distill.run(tiny_args(suite_dir, tmp_path / "m2d", first_task_from=src))
+    assert learned == [1] and res["first_task_from"] == str(src)
+    assert res["nll"][0] == json.load(open(src / "results.json"))["nll"][0]
+    a, b = (torch.load(d / "task0.pt")["state_dict"] for d in (src, tmp_path / "m2d"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="other flags"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "m2d_e2", epochs=2, first_task_from=src))
+
+
 def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_path):
     path = str(tmp_path / "t_demo.hdf5")
     data.write_synthetic_task(path, "do it", n_demos=2)
