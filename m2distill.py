@@ -106,7 +106,7 @@ def total_loss(out, old, batch, args):
     """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC).
     Returns the total and each term, for logging."""
     terms = {"bc": loss_bc(out, batch["actions"])}
-    if old is not None:
+    if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
         lambdas = {"image": args.lambda_image, "text": args.lambda_text, "extra": args.lambda_extra,
                    "policy": args.lambda_policy}
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
@@ -169,8 +169,10 @@ def held_out_nll(policy, dataset, task_embs, device, batch_size=64):
 
 # ----------------------------------------------------------------------------- files
 def save_json(obj, path):
+    """Strict JSON (ValueError on NaN/inf: a value not measured is None), written atomically."""
+    text = json.dumps(obj, indent=1, allow_nan=False)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 

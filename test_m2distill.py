@@ -638,3 +638,27 @@ def test_cli_bad_input_names_the_flag(argv, flag):
         expert.main(argv)
     msg = str(e.value)
     assert msg.startswith(flag) and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- input files, flags and the record
+# (issues 11.2, 11.3, 11.5 files and flags, 12.2 OpenVLA-regenerated data, 12.4 read-only data, 12.5 download hints)
+def test_results_json_is_strict_json(tmp_path):
+    path = str(tmp_path / "results.json")
+    m2distill.save_json({"nll": [[-3.5]], "success": [[None]]}, path)
+    with pytest.raises(ValueError):
+        m2distill.save_json({"nll": [[float("nan")]]}, path)
+    with pytest.raises(ValueError):
+        m2distill.save_json({"nll": [[float("inf")]]}, path)
+    assert json.load(open(path)) == {"nll": [[-3.5]], "success": [[None]]}  # the last good record stands
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_non_finite_inputs_stop_before_the_kl_sampler(suite_dir, tmp_path):
+    """pi_old exists (task 1 on): the project's FloatingPointError, not torch's 'invalid multinomial'."""
+    policy = model.ResNetT(32, img_size=32)
+    old = m2distill.freeze(policy)
+    obs = fake_obs()
+    obs["joint_states"][0, 3, 2] = float("nan")
+    batch = {"obs": obs, "actions": torch.rand(2, 10, 7) * 2 - 1, "task_emb": torch.randn(2, 32)}
+    with pytest.raises(FloatingPointError, match="check the demonstration file"):
+        m2distill.train_step(policy, old, batch, torch.optim.AdamW(policy.parameters()), tiny_args(suite_dir, tmp_path))
