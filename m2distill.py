@@ -16,6 +16,7 @@ plus the four distillation terms (SPEC.md sections 3-5).
 import argparse
 import copy
 import json
+import math
 import os
 import time
 
@@ -341,6 +342,16 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
     return res
 
 
+# Allowed values of the numeric flags: (least, most), both included, None: no bound; POSITIVE ones must
+# also be > 0. NaN and inf are refused. (--n-tasks is checked against the suite's task count in run.)
+FLAG_RANGES = {"n_tasks": (1, None), "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
+               "seed": (0, 2**32 - 1), "n_demos": (1, None), "val_demos": (0, None), "img_size": (8, None),
+               "seq_len": (1, None), "grad_clip": (0, None), "eval_every": (1, None), "n_eval": (0, None),
+               "max_steps": (1, None), "eval_workers": (1, None), "n_memories": (0, None), "kl_samples": (1, None),
+               **{f"lambda_{m}": (0, None) for m in ("image", "text", "extra", "policy")}}
+POSITIVE = ("lr", "grad_clip")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -381,9 +392,11 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("runs", f"{args.suite}_{args.algo}_s{args.seed}")
-    for flag in ("epochs", "batch_size", "n_demos", "eval_every", "max_steps", "seq_len", "kl_samples"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag, (lo, hi) in FLAG_RANGES.items():
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi) and (v > 0 or flag not in POSITIVE)):
+            allowed = "a number > 0" if flag in POSITIVE else f"{lo} or more" if hi is None else f"{lo} to {hi}"
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: out of range; allowed: {allowed}.")
     return args
 
 

@@ -662,3 +662,23 @@ def test_non_finite_inputs_stop_before_the_kl_sampler(suite_dir, tmp_path):
     batch = {"obs": obs, "actions": torch.rand(2, 10, 7) * 2 - 1, "task_emb": torch.randn(2, 32)}
     with pytest.raises(FloatingPointError, match="check the demonstration file"):
         m2distill.train_step(policy, old, batch, torch.optim.AdamW(policy.parameters()), tiny_args(suite_dir, tmp_path))
+
+
+def one_line_exit(fn):
+    with pytest.raises(SystemExit) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--val-demos", "-1", "0 or more"), ("--n-demos", "0", "1 or more"), ("--n-eval", "-2", "0 or more"),
+    ("--img-size", "4", "8 or more"), ("--seed", "-1", "0 to 4294967295"), ("--n-memories", "-1", "0 or more"),
+    ("--eval-workers", "0", "1 or more"), ("--lr", "0", "a number > 0"), ("--lr", "nan", "a number > 0"),
+    ("--grad-clip", "-1", "a number > 0"), ("--lambda-policy", "-0.5", "0 or more"), ("--lambda-image", "inf", "0 or more"),
+    ("--epochs", "0", "1 or more"), ("--kl-samples", "0", "1 or more"), ("--n-tasks", "0", "1 or more"),
+])
+def test_out_of_range_flags_get_one_line_naming_flag_and_range(suite_dir, tmp_path, flag, value, allowed):
+    msg = one_line_exit(lambda: tiny_args(suite_dir, tmp_path, **{flag[2:].replace("-", "_"): value}))
+    assert msg.startswith(f"{flag} {value}") and msg.endswith(f"allowed: {allowed}.")
