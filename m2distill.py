@@ -177,9 +177,10 @@ def save_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(policy, task_embs, args, k, path):
+def save_checkpoint(policy, task_embs, args, k, path, task_emb=None):
+    """task<k>.pt: the policy after task k, the task embeddings and `task_emb`, {"kind", "dim"} of them."""
     torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
-                "suite": args.suite, "task": k, "algo": args.algo}, path + ".tmp")
+                "task_emb": task_emb, "suite": args.suite, "task": k, "algo": args.algo}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -189,12 +190,30 @@ RUN_FLAGS = ("suite", "algo", "n_tasks", "epochs", "batch_size", "seed", "lr", "
 
 
 def load_results(args):
-    """The results of an earlier run in --out with the same flags (resume), or a fresh record."""
+    """The results of an earlier run in --out with the same flags (resume), or a fresh record; the --out
+    folder is made. SystemExit naming --out and the fix if it is a file, cannot be made, or holds a
+    results.json that is not a record of ours (empty, cut off, {}) or one of a run with other flags."""
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out} is a file; pass a folder (it will hold results.json and task<k>.pt).")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot make that folder ({e.strerror or e}); pass a writable one.")
+    fresh = {"run": run, "tasks": [], "success": [], "curves": [], "fwt_k": [], "nll": [], "demos": [],
+             "task_emb": None, "seconds": {}}
     if not os.path.exists(path):
-        return {"run": run, "tasks": [], "success": [], "curves": [], "fwt_k": [], "nll": [], "seconds": {}}
-    res = json.load(open(path))
+        return fresh
+    try:
+        res = json.load(open(path))
+        assert isinstance(res, dict) and isinstance(res.get("run"), dict)
+        assert all(isinstance(res[k], type(fresh[k])) for k in ("tasks", "success", "curves", "fwt_k", "nll", "seconds"))
+    except (ValueError, AssertionError, KeyError, UnicodeDecodeError):
+        raise SystemExit(f"--out {args.out}: {path} is not a results record of m2distill (empty, cut off or "
+                         "edited); move it away (or pass another --out) to start over.") from None
+    res.setdefault("demos", [None] * len(res["tasks"]))  # a record from before these fields: not known
+    res.setdefault("task_emb", None)
     diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
     if diff:
         raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
@@ -204,15 +223,29 @@ def load_results(args):
 
 # ----------------------------------------------------------------------------- the lifelong loop
 def load_task_data(args, bench, k):
+    """Task k's training and held-out demos (data.check_task_file's split; val None when none are held out)."""
     path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
-    train = data.SequenceDataset.from_hdf5(path, k, args.seq_len, slice(0, args.n_demos), args.img_size)
-    val = None
-    if args.val_demos:
-        val = data.SequenceDataset.from_hdf5(path, k, args.seq_len, slice(-args.val_demos, None), args.img_size)
-        if train.n_demos + val.n_demos > val.total_demos:
-            raise SystemExit(f"{path}: --n-demos {args.n_demos} + --val-demos {args.val_demos} exceeds its "
-                             f"{val.total_demos} demos; lower one of them.")
+    split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
+    train = data.SequenceDataset.from_hdf5(path, k, args.seq_len, split["train"], args.img_size)
+    val = data.SequenceDataset.from_hdf5(path, k, args.seq_len, split["val"], args.img_size) if split["val"] else None
     return train, val
+
+
+def check_data(args, bench):
+    """Every task file of the run that exists, checked before anything is collected or trained; one line
+    per file with fewer training demos than --n-demos. SystemExit naming the file and the fix."""
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise SystemExit(f"--data-dir {args.data_dir} is a file; pass the folder that holds <suite>/<task>_demo.hdf5.")
+    for k in range(args.n_tasks):
+        path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
+        if os.path.exists(path):
+            try:
+                split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(str(e)) from None
+            if len(split["train"]) < args.n_demos:
+                print(f"{path}: {split['total']} demos, {len(split['val'])} held out: task {k} trains on "
+                      f"{len(split['train'])}, not --n-demos {args.n_demos}.", flush=True)
 
 
 def ensure_data(args, bench):
@@ -228,9 +261,9 @@ def ensure_data(args, bench):
     if unsupported:
         raise SystemExit(f"--data-dir {args.data_dir}: no {where} (and {len(missing) - 1} more), and the scripted "
                          f"expert cannot solve {args.suite} task(s) {unsupported}. "
-                         + data.DATA_HELP.format(suite=args.suite))
+                         + data.download_hint(args.suite, args.data_dir))
     print(f"No official data for {len(missing)} task(s) in --data-dir {args.data_dir} (e.g. {where}; "
-          + data.DATA_HELP.format(suite=args.suite) + f") Collecting {args.n_demos + args.val_demos} scripted "
+          + data.download_hint(args.suite, args.data_dir) + f") Collecting {args.n_demos + args.val_demos} scripted "
           "demonstrations per task in the simulator instead.", flush=True)
     expert.collect(args.suite, args.data_dir, args.n_demos + args.val_demos, missing, seed=args.seed)
 
@@ -270,16 +303,21 @@ def run(args, evaluate=None):
     """The whole lifelong run; resumes after the last finished task found in --out."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     bench = data.suite_benchmark(args.suite)
     if not 1 <= args.n_tasks <= bench.get_num_tasks():
         raise SystemExit(f"--n-tasks {args.n_tasks}: {args.suite} has {bench.get_num_tasks()} tasks.")
+    res = load_results(args)  # --out and the flags against it, then the data: all before collecting or training
+    languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]  # from LIBERO, not the files
+    task_embs, kind = data.task_embeddings(languages, args.task_emb, cache_dir=data.user_cache_dir())
+    task_emb = {"kind": kind, "dim": task_embs.shape[1]}
+    if res["task_emb"] not in (None, task_emb):
+        raise SystemExit(f"--out {args.out} was trained with task embedding {res['task_emb']}, this run computes "
+                         f"{task_emb}; pass another --out to start a run with it.")
+    res["task_emb"] = task_emb
+    check_data(args, bench)
     t0 = time.time()
     ensure_data(args, bench)
-    res = load_results(args)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
-    languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]
-    task_embs = data.task_embeddings(languages, args.task_emb, cache_dir=os.path.join(args.data_dir, ".cache"))
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
@@ -328,11 +366,13 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             res["fwt_k"].append(fwt_k)
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
+            res["demos"].append({"n_train": train.n_demos, "n_val": val.n_demos if val else 0,
+                                 "train": train.demos, "val": val.demos if val else []})
             if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
                 res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
                 rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
                                              f"{args.suite} {args.algo} seed {args.seed}")
-            save_checkpoint(policy, task_embs, args, k, os.path.join(args.out, f"task{k}.pt"))
+            save_checkpoint(policy, task_embs, args, k, os.path.join(args.out, f"task{k}.pt"), res["task_emb"])
             save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
             tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}")
         if memory is not None:
