@@ -149,7 +149,7 @@ def bench_memory(args):
     rows = [("images of the loaded demos, uint8", img_bytes), ("process peak before loading (torch, LIBERO)", rss0),
             ("peak after loading", loaded)]
     if args.steps:
-        embs = data.task_embeddings([bench_.get_task(k).language for k in range(args.n_tasks)], "hash")
+        embs, _ = data.task_embeddings([bench_.get_task(k).language for k in range(args.n_tasks)], "hash")
         policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
         old = m2distill.freeze(policy)
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)

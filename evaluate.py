@@ -425,7 +425,7 @@ def bench(args):
     from model import ResNetT, fold_batchnorm
     torch.set_num_threads(1)
     n_eps = 2
-    embs = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
+    embs, _ = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
     policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
     timed = TimedPolicy(fold_batchnorm(copy.deepcopy(policy)))  # as in a worker
     env, init_states = make_env(args.suite, 0)

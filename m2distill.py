@@ -16,6 +16,7 @@ plus the four distillation terms (SPEC.md sections 3-5).
 import argparse
 import copy
 import json
+import math
 import os
 import time
 
@@ -106,7 +107,7 @@ def total_loss(out, old, batch, args):
     """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC).
     Returns the total and each term, for logging."""
     terms = {"bc": loss_bc(out, batch["actions"])}
-    if old is not None:
+    if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
         lambdas = {"image": args.lambda_image, "text": args.lambda_text, "extra": args.lambda_extra,
                    "policy": args.lambda_policy}
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
@@ -169,15 +170,19 @@ def held_out_nll(policy, dataset, task_embs, device, batch_size=64):
 
 # ----------------------------------------------------------------------------- files
 def save_json(obj, path):
+    """Strict JSON (ValueError on NaN/inf: a value not measured is None), written atomically."""
+    text = json.dumps(obj, indent=1, allow_nan=False)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(policy, task_embs, args, j, path):
-    """task<j>.pt: the policy after the j-th task of the run; `tasks` lists the LIBERO task ids it has learned."""
+def save_checkpoint(policy, task_embs, args, j, path, task_emb=None):
+    """task<j>.pt: the policy after the j-th task of the run; `tasks` lists the LIBERO task ids it has learned,
+    `task_emb` the {"kind", "dim"} of the task embeddings `task_embs`."""
     save_torch({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
-                "suite": args.suite, "task": j, "tasks": args.tasks[:j + 1], "algo": args.algo}, path)
+                "task_emb": task_emb, "suite": args.suite, "task": j, "tasks": args.tasks[:j + 1],
+                "algo": args.algo}, path)
 
 
 def save_torch(obj, path):
@@ -190,33 +195,53 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
              "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip")
 
 
-PER_TASK = ("tasks", "task_ids", "success", "curves", "fwt_k", "nll")  # results.json lists, one entry per task
+PER_TASK = ("tasks", "task_ids", "success", "curves", "fwt_k", "nll", "demos")  # results.json lists, one entry per task
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
 
 
 def load_results(args):
-    """The results of an earlier run in --out with the same flags (resume), or a fresh record; a fresh
-    record starts from another run's first task with --first-task-from."""
+    """The results of an earlier run in --out with the same flags (resume), or a fresh record (started from
+    another run's first task with --first-task-from); the --out folder is made. SystemExit naming --out
+    and the fix if it is a file, cannot be made, or holds a results.json that is not a record of ours
+    (empty, cut off, {}) or one of a run with other flags."""
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
-    if os.path.exists(path):
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out} is a file; pass a folder (it will hold results.json and task<k>.pt).")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot make that folder ({e.strerror or e}); pass a writable one.")
+    fresh = {"run": run, **{k: [] for k in PER_TASK}, "task_emb": None, "seconds": {}}
+    if not os.path.exists(path):
+        return first_task_from(args, fresh) if args.first_task_from else fresh
+    try:
         res = json.load(open(path))
-        diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
-        if diff:
-            raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
-                             "pass another --out, or delete that folder to start over.")
-        return res
-    res = {"run": run, **{k: [] for k in PER_TASK}, "seconds": {}}
-    return first_task_from(args, res) if args.first_task_from else res
+        assert isinstance(res, dict) and isinstance(res.get("run"), dict)
+        assert all(isinstance(res[k], type(fresh[k])) for k in ("tasks", "success", "curves", "fwt_k", "nll", "seconds"))
+    except (ValueError, AssertionError, KeyError, UnicodeDecodeError):
+        raise SystemExit(f"--out {args.out}: {path} is not a results record of m2distill (empty, cut off or "
+                         "edited); move it away (or pass another --out) to start over.") from None
+    for k in PER_TASK:  # a record from before these fields: not known
+        res.setdefault(k, [None] * len(res["tasks"]))
+    res.setdefault("task_emb", None)
+    diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
+    if diff:
+        raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
+                         "pass another --out, or delete that folder to start over.")
+    return res
 
 
 def first_task_from(args, res):
     """Take the first task from the finished run in `args.first_task_from` (its task0.pt and its results'
     first entries), so that Sequential, ER and M2Distill start task 2 from one and the same policy."""
     src = args.first_task_from
-    other = json.load(open(os.path.join(src, "results.json")))
+    try:
+        other = json.load(open(os.path.join(src, "results.json")))
+    except (OSError, ValueError):
+        raise SystemExit(f"--first-task-from {src}: no readable results.json there; pass a run folder.") from None
     diff = [k for k in RUN_FLAGS if k not in LATER_FLAGS and k != "tasks" and other["run"].get(k) != getattr(args, k)]
     if other["run"].get("tasks", [None])[:1] != args.tasks[:1]:
         diff.append("tasks (the first one)")
@@ -225,21 +250,35 @@ def first_task_from(args, res):
                          else "that run has not finished its first task") + "; train the first task here instead.")
     save_torch(torch.load(os.path.join(src, "task0.pt"), map_location="cpu", weights_only=False),
                os.path.join(args.out, "task0.pt"))
-    res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src)
+    res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src, task_emb=other.get("task_emb"))
     return res
 
 
 # ----------------------------------------------------------------------------- the lifelong loop
 def load_task_data(args, bench, k):
+    """Task k's training and held-out demos (data.check_task_file's split; val None when none are held out)."""
     path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
-    train = data.SequenceDataset.from_hdf5(path, k, args.seq_len, slice(0, args.n_demos), args.img_size)
-    val = None
-    if args.val_demos:
-        val = data.SequenceDataset.from_hdf5(path, k, args.seq_len, slice(-args.val_demos, None), args.img_size)
-        if train.n_demos + val.n_demos > val.total_demos:
-            raise SystemExit(f"{path}: --n-demos {args.n_demos} + --val-demos {args.val_demos} exceeds its "
-                             f"{val.total_demos} demos; lower one of them.")
+    split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
+    train = data.SequenceDataset.from_hdf5(path, k, args.seq_len, split["train"], args.img_size)
+    val = data.SequenceDataset.from_hdf5(path, k, args.seq_len, split["val"], args.img_size) if split["val"] else None
     return train, val
+
+
+def check_data(args, bench):
+    """Every task file of the run that exists, checked before anything is collected or trained; one line
+    per file with fewer training demos than --n-demos. SystemExit naming the file and the fix."""
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise SystemExit(f"--data-dir {args.data_dir} is a file; pass the folder that holds <suite>/<task>_demo.hdf5.")
+    for k in args.tasks:
+        path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
+        if os.path.exists(path):
+            try:
+                split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(str(e)) from None
+            if len(split["train"]) < args.n_demos:
+                print(f"{path}: {split['total']} demos, {len(split['val'])} held out: task {k} trains on "
+                      f"{len(split['train'])}, not --n-demos {args.n_demos}.", flush=True)
 
 
 def ensure_data(args, bench):
@@ -255,9 +294,9 @@ def ensure_data(args, bench):
     if unsupported:
         raise SystemExit(f"--data-dir {args.data_dir}: no {where} (and {len(missing) - 1} more), and the scripted "
                          f"expert cannot solve {args.suite} task(s) {unsupported}. "
-                         + data.DATA_HELP.format(suite=args.suite))
+                         + data.download_hint(args.suite, args.data_dir))
     print(f"No official data for {len(missing)} task(s) in --data-dir {args.data_dir} (e.g. {where}; "
-          + data.DATA_HELP.format(suite=args.suite) + f") Collecting {args.n_demos + args.val_demos} scripted "
+          + data.download_hint(args.suite, args.data_dir) + f") Collecting {args.n_demos + args.val_demos} scripted "
           "demonstrations per task in the simulator instead.", flush=True)
     expert.collect(args.suite, args.data_dir, args.n_demos + args.val_demos, missing, seed=args.seed)
 
@@ -321,18 +360,23 @@ def run(args, evaluate=None):
     """The whole lifelong run; resumes after the last finished task found in --out."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     bench = data.suite_benchmark(args.suite)
     n = bench.get_num_tasks()
     if not all(0 <= k < n for k in args.tasks) or len(set(args.tasks)) < len(args.tasks):
         raise SystemExit(f"--tasks {' '.join(map(str, args.tasks))}: {args.suite} has tasks 0..{n - 1}; "
                          "give each at most once (or --n-tasks N for tasks 0..N-1).")
+    res = load_results(args)  # --out and the flags against it, then the data: all before collecting or training
+    languages = [bench.get_task(i).language for i in range(n)]  # from LIBERO, not the files
+    task_embs, kind = data.task_embeddings(languages, args.task_emb, cache_dir=data.user_cache_dir())
+    task_emb = {"kind": kind, "dim": task_embs.shape[1]}
+    if res["task_emb"] not in (None, task_emb):
+        raise SystemExit(f"--out {args.out} was trained with task embedding {res['task_emb']}, this run computes "
+                         f"{task_emb}; pass another --out to start a run with it.")
+    res["task_emb"] = task_emb
+    check_data(args, bench)
     t0 = time.time()
     ensure_data(args, bench)
-    res = load_results(args)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
-    languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]
-    task_embs = data.task_embeddings(languages, args.task_emb, cache_dir=os.path.join(args.data_dir, ".cache"))
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
@@ -383,11 +427,13 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
             res["task_ids"].append(k)
+            res["demos"].append({"n_train": train.n_demos, "n_val": val.n_demos if val else 0,
+                                 "train": train.demos, "val": val.demos if val else []})
             if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
                 res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
                 rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
                                              f"{args.suite} {args.algo} seed {args.seed}", res["task_ids"])
-            save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"))
+            save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"), res["task_emb"])
             save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
             os.remove(os.path.join(args.out, "progress.pt"))
             tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}")
@@ -396,6 +442,16 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         if args.algo == "m2distill":  # M2Distill: the diff on ER, a frozen pi_old for the next task
             old = freeze(policy)
     return res
+
+
+# Allowed values of the numeric flags: (least, most), both included, None: no bound; POSITIVE ones must
+# also be > 0. NaN and inf are refused. (--n-tasks is checked against the suite's task count in run.)
+FLAG_RANGES = {"n_tasks": (1, None), "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
+               "seed": (0, 2**32 - 1), "n_demos": (1, None), "val_demos": (0, None), "img_size": (8, None),
+               "seq_len": (1, None), "grad_clip": (0, None), "eval_every": (1, None), "n_eval": (0, None),
+               "max_steps": (1, None), "eval_workers": (1, None), "n_memories": (0, None), "kl_samples": (1, None),
+               **{f"lambda_{m}": (0, None) for m in ("image", "text", "extra", "policy")}}
+POSITIVE = ("lr", "grad_clip")
 
 
 def parse_args(argv=None):
@@ -445,9 +501,11 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.tasks = args.tasks or list(range(args.n_tasks))
     args.out = args.out or os.path.join("runs", f"{args.suite}_{args.algo}_s{args.seed}")
-    for flag in ("epochs", "batch_size", "n_demos", "eval_every", "max_steps", "seq_len", "kl_samples"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag, (lo, hi) in FLAG_RANGES.items():
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi) and (v > 0 or flag not in POSITIVE)):
+            allowed = "a number > 0" if flag in POSITIVE else f"{lo} or more" if hi is None else f"{lo} to {hi}"
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: out of range; allowed: {allowed}.")
     return args
 
 

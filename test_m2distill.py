@@ -6,6 +6,9 @@ import copy
 import importlib.util
 import json
 import os
+import re
+import shlex
+import sys
 import time
 
 import h5py
@@ -399,7 +402,7 @@ def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_p
     with h5py.File(path, "a") as f:
         del f["data/demo_1/obs/gripper_states"]
     with pytest.raises(ValueError, match="demo_1/obs/gripper_states"):
-        data.SequenceDataset.from_hdf5(path, 0)
+        data.SequenceDataset.from_hdf5(path, 0, img_size=32)
 
 
 def test_missing_data_is_collected_by_the_expert_after_one_line(tmp_path, monkeypatch, capsys):
@@ -423,8 +426,8 @@ def test_missing_data_is_collected_by_the_expert_after_one_line(tmp_path, monkey
 def test_bad_input_gets_a_message_naming_the_fix(suite_dir, tmp_path):
     with pytest.raises(SystemExit, match="--suite"):
         data.suite_benchmark("libero_objects")
-    with pytest.raises(SystemExit, match="--n-demos"):
-        m2distill.run(tiny_args(suite_dir, tmp_path / "o2", n_demos=3, val_demos=1))
+    with pytest.raises(SystemExit, match="--val-demos 3 holds out the last 3, leaving none"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "o2", val_demos=3))
     args = tiny_args(suite_dir, tmp_path / "o3")
     policy = model.ResNetT(32, img_size=32)
     batch = {"obs": fake_obs(), "actions": torch.full((2, 10, 7), float("nan")), "task_emb": torch.randn(2, 32)}
@@ -434,11 +437,11 @@ def test_bad_input_gets_a_message_naming_the_fix(suite_dir, tmp_path):
 
 def test_task_embeddings_are_deterministic_cached_and_distinct(tmp_path):
     langs = ["pick up the soup", "pick up the milk"]
-    h = data.task_embeddings(langs, "hash", str(tmp_path))
-    assert torch.equal(h, data.task_embeddings(langs, "hash")) and not torch.allclose(h[0], h[1])
-    assert len(list(tmp_path.glob("task_emb_hash_*.pt"))) == 1
-    assert torch.equal(data.task_embeddings(langs, "onehot"), torch.eye(2))
-    m = data.task_embeddings(langs + ["pick up the soup please"], "minilm")
+    h, kind = data.task_embeddings(langs, "hash", str(tmp_path))
+    assert torch.equal(h, data.task_embeddings(langs, "hash")[0]) and not torch.allclose(h[0], h[1])
+    assert kind == "hash" and len(list(tmp_path.glob("task_emb_hash_*.pt"))) == 1
+    assert torch.equal(data.task_embeddings(langs, "onehot")[0], torch.eye(2))
+    m, _ = data.task_embeddings(langs + ["pick up the soup please"], "minilm")
     assert m.shape == (3, 384)
     torch.testing.assert_close(m.norm(dim=1), torch.ones(3))
     assert (m[0] @ m[2]) > (m[0] @ m[1])  # a real sentence model: paraphrase closer than another object
@@ -755,3 +758,308 @@ def test_cli_bad_input_names_the_flag(argv, flag):
         expert.main(argv)
     msg = str(e.value)
     assert msg.startswith(flag) and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- input files, flags and the record
+# (issues 11.2, 11.3, 11.5 files and flags, 12.2 OpenVLA-regenerated data, 12.4 read-only data, 12.5 download hints)
+@pytest.fixture(autouse=True, scope="module")
+def _user_cache_in_tmp(tmp_path_factory):
+    """Runs cache task embeddings in the user cache dir: keep the tests' caches out of the real one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
+def two_task_dir(root, n_demos=3, img_size=32):
+    """A fresh data dir with LIBERO-Object's tasks 0 and 1 (small synthetic files); their paths."""
+    bench, paths = data.suite_benchmark(SUITE), []
+    for k in range(2):
+        t = bench.get_task(k)
+        paths.append(data.task_file(str(root), SUITE, t.name))
+        data.write_synthetic_task(paths[-1], t.language, n_demos=n_demos, length=10, img_size=img_size, seed=k)
+    return str(root), paths
+
+
+def nothing_may_start(monkeypatch):
+    """Demo collection and training raise if they are reached: a fault must be found before them."""
+    def forbidden(*a, **k):
+        raise AssertionError("demo collection or training started before the input was checked")
+    monkeypatch.setattr(expert, "collect", forbidden)
+    monkeypatch.setattr(m2distill, "learn_task", forbidden)
+
+
+def one_line_exit(fn):
+    with pytest.raises(SystemExit) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def set_key(path, key, fn):
+    with h5py.File(path, "a") as f:
+        x = fn(f[key][()])
+        del f[key]
+        f[key] = x
+
+
+@pytest.mark.parametrize("task, key, fn, expected", [
+    (1, "data/demo_0/obs/joint_states", lambda x: np.where(np.arange(len(x))[:, None] == 4, np.nan, x),
+     r"'data/demo_0/obs/joint_states' holds NaN or inf \(first at step 4\); remove that demo"),
+    (0, "data/demo_2/actions", lambda x: np.where(np.arange(len(x))[:, None] == 0, np.inf, x),  # the held-out demo
+     r"'data/demo_2/actions' holds NaN or inf"),
+    (0, "data/demo_1/obs/gripper_states", lambda x: x * np.nan, r"'data/demo_1/obs/gripper_states' holds NaN"),
+    (0, "data/demo_0/actions", lambda x: np.concatenate([x[:, :3] * 5, x[:, 3:]], 1),  # position deltas scaled by 5
+     r"'data/demo_0/actions' reaches \|a\| = [2-5][.\d]*, outside \[-1, 1\].*divide the actions by their scale"),
+])
+def test_data_not_finite_or_outside_libero_actions_is_refused_at_load(tmp_path, monkeypatch, task, key, fn, expected):
+    root, paths = two_task_dir(tmp_path / "data")
+    set_key(paths[task], key, fn)
+    nothing_may_start(monkeypatch)
+    msg = one_line_exit(lambda: m2distill.run(tiny_args(root, tmp_path / "out")))
+    assert msg.startswith(paths[task]) and re.search(expected, msg)
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_results_json_is_strict_json(tmp_path):
+    path = str(tmp_path / "results.json")
+    m2distill.save_json({"nll": [[-3.5]], "success": [[None]]}, path)
+    with pytest.raises(ValueError):
+        m2distill.save_json({"nll": [[float("nan")]]}, path)
+    with pytest.raises(ValueError):
+        m2distill.save_json({"nll": [[float("inf")]]}, path)
+    assert json.load(open(path)) == {"nll": [[-3.5]], "success": [[None]]}  # the last good record stands
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_non_finite_inputs_stop_before_the_kl_sampler(suite_dir, tmp_path):
+    """pi_old exists (task 1 on): the project's FloatingPointError, not torch's 'invalid multinomial'."""
+    policy = model.ResNetT(32, img_size=32)
+    old = m2distill.freeze(policy)
+    obs = fake_obs()
+    obs["joint_states"][0, 3, 2] = float("nan")
+    batch = {"obs": obs, "actions": torch.rand(2, 10, 7) * 2 - 1, "task_emb": torch.randn(2, 32)}
+    with pytest.raises(FloatingPointError, match="check the demonstration file"):
+        m2distill.train_step(policy, old, batch, torch.optim.AdamW(policy.parameters()), tiny_args(suite_dir, tmp_path))
+
+
+def test_demo_shortfall_is_one_rule_and_the_record_says_what_was_used(tmp_path, capsys):
+    """4 demos, --n-demos 6: with --val-demos 0 it trains on 4, with --val-demos 1 on 3 (demo_3 held out),
+    saying so in one line each time; results.json and every checkpoint record demos and task embedding."""
+    bench = data.suite_benchmark(SUITE)
+    path = data.task_file(str(tmp_path / "data"), SUITE, bench.get_task(0).name)
+    data.write_synthetic_task(path, bench.get_task(0).language, n_demos=4, length=10)
+    names = [f"demo_{i}" for i in range(4)]
+    for val, out in [(0, tmp_path / "v0"), (1, tmp_path / "v1")]:
+        m2distill.run(tiny_args(str(tmp_path / "data"), out, n_tasks=1, n_demos=6, val_demos=val))
+        said = [l for l in capsys.readouterr().out.splitlines() if l.startswith(path)]
+        assert said == [f"{path}: 4 demos, {val} held out: task 0 trains on {4 - val}, not --n-demos 6."]
+        res = json.load(open(out / "results.json"))
+        assert res["demos"] == [{"n_train": 4 - val, "n_val": val, "train": names[:4 - val], "val": names[4 - val:]}]
+        assert res["task_emb"] == {"kind": "hash", "dim": 32}
+        assert torch.load(out / "task0.pt", weights_only=False)["task_emb"] == {"kind": "hash", "dim": 32}
+
+
+def test_bert_fallback_is_cached_as_minilm_so_bert_is_used_once_downloaded(tmp_path, monkeypatch):
+    import transformers
+    bert_on_disk = []
+    real_tok, real_model = transformers.AutoTokenizer.from_pretrained, transformers.AutoModel.from_pretrained
+
+    class FakeBert:  # stands in for bert-base-cased (768-d pooler output) once "downloaded"
+        def __call__(self, texts=None, **kw):
+            return {"input_ids": torch.zeros(len(texts), 25, dtype=torch.long)} if texts is not None else \
+                {"pooler_output": torch.ones(len(kw["input_ids"]), 768)}
+
+        def eval(self):
+            return self
+
+    def loader(real):
+        def from_pretrained(name, *a, **kw):
+            if name != "bert-base-cased":
+                return real(name, *a, **kw)
+            if not bert_on_disk:
+                raise OSError("bert-base-cased is not on disk")
+            return FakeBert()
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loader(real_tok))
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", loader(real_model))
+    langs = ["pick up the soup", "pick up the milk"]
+    emb, kind = data.task_embeddings(langs, "bert", str(tmp_path))
+    assert (kind, emb.shape) == ("minilm", (2, 384))
+    assert [p.name.split("_")[2] for p in tmp_path.glob("task_emb_*.pt")] == ["minilm"]
+    bert_on_disk.append(True)  # the user downloads BERT as the message says
+    emb, kind = data.task_embeddings(langs, "bert", str(tmp_path))
+    assert (kind, emb.shape) == ("bert", (2, 768))
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--val-demos", "-1", "0 or more"), ("--n-demos", "0", "1 or more"), ("--n-eval", "-2", "0 or more"),
+    ("--img-size", "4", "8 or more"), ("--seed", "-1", "0 to 4294967295"), ("--n-memories", "-1", "0 or more"),
+    ("--eval-workers", "0", "1 or more"), ("--lr", "0", "a number > 0"), ("--lr", "nan", "a number > 0"),
+    ("--grad-clip", "-1", "a number > 0"), ("--lambda-policy", "-0.5", "0 or more"), ("--lambda-image", "inf", "0 or more"),
+    ("--epochs", "0", "1 or more"), ("--kl-samples", "0", "1 or more"), ("--n-tasks", "0", "1 or more"),
+])
+def test_out_of_range_flags_get_one_line_naming_flag_and_range(suite_dir, tmp_path, flag, value, allowed):
+    msg = one_line_exit(lambda: tiny_args(suite_dir, tmp_path, **{flag[2:].replace("-", "_"): value}))
+    assert msg.startswith(f"{flag} {value}") and msg.endswith(f"allowed: {allowed}.")
+
+
+def garbage(path):
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def zero_demos(path):
+    with h5py.File(path, "a") as f:
+        for d in list(f["data"]):
+            del f["data"][d]
+
+
+def drop_agentview(path):
+    with h5py.File(path, "a") as f:
+        del f["data/demo_1/obs/agentview_rgb"]
+
+
+def results_json(text):
+    def write(out):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            f.write(text)
+    return write
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("data_dir_is_a_file", r"^--data-dir \S+ is a file; pass the folder that holds <suite>/<task>_demo.hdf5"),
+    (garbage, r"^{task1}: not a readable HDF5 file .*delete it and download it again"),
+    (truncate, r"^{task1}: not a readable HDF5 file .*delete it and download it again"),
+    (zero_demos, r"^{task1}: group 'data' holds no demo_<i> group \(zero demos\); delete it and download it again"),
+    (drop_agentview, r"^{task1}: 'data/demo_1/obs/agentview_rgb' is missing; .* Regenerate the file with both cameras"),
+    ("img_size_64", r"^{task1}: 'data/demo_0/obs/agentview_rgb' holds 32x32 images; --img-size 64 must divide 32: "
+                    r"use --img-size 32 or 16 or 8"),
+    ("out_is_a_file", r"^--out \S+ is a file; pass a folder"),
+    (results_json(""), r"^--out \S+: \S+results.json is not a results record .*move it away"),
+    (results_json('{"run": {"suite": "libero_object"}, "tasks": ["a"'), r"^--out \S+: \S+results.json is not a results"),
+    (results_json("{}"), r"^--out \S+: \S+results.json is not a results record"),
+    (results_json("[1, 2]"), r"^--out \S+: \S+results.json is not a results record"),
+    ("other_flags", r"^--out \S+ holds a run with other flags \(lambda_text\); pass another --out"),
+])
+def test_bad_files_and_out_are_refused_before_any_collection_or_training(tmp_path, monkeypatch, fault, expected):
+    """Task 1's file and --out are checked before task 0 trains and before task 1 would be collected."""
+    root, paths = two_task_dir(tmp_path / "data")
+    out, kw = tmp_path / "out", {}
+    if fault == "data_dir_is_a_file":
+        root = str(tmp_path / "a_file")
+        open(root, "w").close()
+    elif fault == "img_size_64":  # task 0 at 64 px fits, task 1 at 32 px does not
+        t = data.suite_benchmark(SUITE).get_task(0)
+        data.write_synthetic_task(paths[0], t.language, n_demos=3, length=10, img_size=64)
+        kw = {"img_size": 64}
+    elif fault == "out_is_a_file":
+        open(out, "w").close()
+    elif fault == "other_flags":  # a finished run in --out, and task 1's data still to be collected
+        os.makedirs(out)
+        m2distill.save_json({"run": {k: getattr(tiny_args(root, out), k) for k in m2distill.RUN_FLAGS},
+                             "tasks": [], "success": [], "curves": [], "fwt_k": [], "nll": [], "seconds": {}},
+                            str(out / "results.json"))
+        os.remove(paths[1])
+        kw = {"lambda_text": 0.5}
+    elif callable(fault) and fault.__name__ == "write":
+        fault(str(out))
+    else:
+        fault(paths[1])
+    nothing_may_start(monkeypatch)
+    msg = one_line_exit(lambda: m2distill.run(tiny_args(root, out, **kw)))
+    assert re.search(expected.replace("{task1}", re.escape(paths[1])), msg), msg
+
+
+def write_openvla_task(path, demo_ids, img_size=64, seed=0):
+    """A task file as OpenVLA's regenerate_libero_dataset.py writes it (SPEC.md section 11): original demo
+    indices with gaps, images of another size, no attributes on `data` or the demos."""
+    g = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with h5py.File(path, "w") as f:
+        grp = f.create_group("data")
+        for i in demo_ids:
+            n = 10 + int(g.integers(0, 4))
+            e = grp.create_group(f"demo_{i}")
+            for cam in data.CAMERAS:
+                e[f"obs/{cam}"] = g.integers(0, 256, (n, img_size, img_size, 3), dtype=np.uint8)
+            for key, d in [("joint_states", 7), ("gripper_states", 2), ("ee_states", 6), ("ee_pos", 3), ("ee_ori", 3)]:
+                e[f"obs/{key}"] = g.standard_normal((n, d))
+            e["actions"] = np.clip(g.standard_normal((n, 7)), -1, 1)
+            e["states"], e["robot_states"] = g.standard_normal((n, 47)), g.standard_normal((n, 9))
+            e["rewards"] = e["dones"] = np.eye(n, dtype=np.uint8)[-1]
+
+
+def test_openvla_regenerated_file_trains_as_it_is(tmp_path):
+    """demo_0, 2, 3, 5, 10 in numeric order (demo_10 last, held out), 64 px area-resized to 32, no attributes;
+    the attributes are still required where they are used (the full layout, for replay)."""
+    path = data.task_file(str(tmp_path / "data"), SUITE, data.suite_benchmark(SUITE).get_task(0).name)
+    write_openvla_task(path, [0, 2, 3, 5, 10])
+    res = m2distill.run(tiny_args(str(tmp_path / "data"), tmp_path / "out", n_tasks=1, n_demos=3, val_demos=1))
+    assert res["demos"] == [{"n_train": 3, "n_val": 1, "train": ["demo_0", "demo_2", "demo_3"], "val": ["demo_10"]}]
+    assert len(res["nll"][0]) == 1 and np.isfinite(res["nll"][0][0])
+    ds = data.SequenceDataset.from_hdf5(path, 0, img_size=32)
+    assert ds.demos == ["demo_0", "demo_2", "demo_3", "demo_5", "demo_10"] and ds.obs["agentview_rgb"].shape[1:] == (32, 32, 3)
+    with h5py.File(path) as f, pytest.raises(ValueError, match="lacks attribute 'env_name'"):
+        data.check_layout(f, path)
+
+
+def tree(root):
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, dirs, files in os.walk(root)
+            for n in dirs + files}
+
+
+def test_read_only_data_dir_is_never_written_and_an_unwritable_cache_is_skipped(tmp_path, monkeypatch, capsys):
+    """Nothing is written under --data-dir (a read-only mount; as root chmod does not stop writes, so the
+    test compares the tree); caches go to $XDG_CACHE_HOME/m2distill, or are skipped with one warning."""
+    root, paths = two_task_dir(tmp_path / "data")
+    before = tree(root)
+    modes = {p: os.stat(p).st_mode for p in before}
+    for p in sorted(before, reverse=True) + [root]:
+        os.chmod(p, 0o555 if os.path.isdir(p) else 0o444)
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        m2distill.run(tiny_args(root, tmp_path / "out1", n_tasks=1))
+        assert tree(root) == before
+        assert len(list((tmp_path / "cache" / "m2distill").glob("task_emb_hash_*.pt"))) == 1
+        capsys.readouterr()
+        open(tmp_path / "not_a_dir", "w").close()
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_dir"))  # unwritable, even for root
+        res = m2distill.run(tiny_args(root, tmp_path / "out2", n_tasks=1))
+        assert len(res["tasks"]) == 1
+        warned = [l for l in capsys.readouterr().err.splitlines() if "cache" in l]
+        assert len(warned) == 1 and warned[0].startswith("[m2distill] warning: task-embedding cache")
+        assert tree(root) == before
+    finally:
+        os.chmod(root, 0o755)
+        for p, m in modes.items():
+            os.chmod(p, m)
+
+
+def test_download_hints_work_with_libero_downloader(monkeypatch, capsys):
+    """Each suite's hint: a `libero-download-datasets` command LIBERO's own parser accepts, the hub command,
+    and the folder the files must end up in."""
+    data.libero_benchmark()  # LIBERO's config path first
+    if importlib.util.find_spec("libero.libero.utils.download_utils") is None:
+        pytest.skip("the installed LIBERO package ships no downloader (libero/libero/utils/download_utils.py)")
+    from libero.libero.utils import download_utils
+    if not hasattr(download_utils, "_datasets_cli"):
+        pytest.skip("the installed LIBERO downloader has no command-line parser (_datasets_cli) to check against")
+    for suite in data.SUITES:
+        hint = data.download_hint(suite, "/data/libero")
+        assert os.path.join("/data/libero", suite, "<task>_demo.hdf5") in hint
+        assert f"--include '{suite}/*' --local-dir /data/libero" in hint
+        cmd = re.search(r"`libero-download-datasets ([^`]*)`", hint)
+        assert cmd, hint
+        monkeypatch.setattr(sys, "argv", ["libero-download-datasets", *shlex.split(cmd.group(1)), "--help"])
+        with pytest.raises(SystemExit) as e:  # argparse checks every value before it reaches --help
+            download_utils._datasets_cli()
+        assert e.value.code == 0, f"LIBERO's downloader rejects the {suite} hint: {capsys.readouterr().err}"
