@@ -7,6 +7,7 @@ token of each step. One forward pass returns the GMM parameters *and* every late
 distils (per-camera image tokens, the text token, the joint and gripper tokens).
 """
 import math
+import re
 
 import numpy as np
 import torch
@@ -84,7 +85,8 @@ class BasicBlock(nn.Module):
 
 class FiLMResNetEncoder(nn.Module):
     """ResNet-18 through layer2 (not pretrained), FiLM on the task embedding after each BasicBlock,
-    spatial softmax over 32 keypoints, Linear(64 -> E). (N, 3, H, W) in [0, 1] -> (N, E)."""
+    spatial softmax over 32 keypoints, Linear(64 -> E). (N, 3, H, W) in [0, 1] -> (N, E).
+    LIBERO: modules/rgb_modules.py ResnetEncoder + SpatialProjection (keypoints in its order)."""
 
     def __init__(self, d_lang, img_size=128, d_out=64, n_kp=32):
         super().__init__()
@@ -96,8 +98,9 @@ class FiLMResNetEncoder(nn.Module):
         self.film = nn.ModuleList([nn.Linear(d_lang, 2 * c) for c in widths])
         self.keypoints = nn.Conv2d(128, n_kp, 1)
         s = img_size // 8  # feature map side after the stride-2 conv, maxpool and layer2
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
-        self.register_buffer("pos", torch.stack([xs.flatten(), ys.flatten()]), persistent=False)  # (2, s*s)
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+        # LIBERO's SpatialSoftmax order (its pos_x, pos_y): the coordinate along the rows, then along the columns
+        self.register_buffer("pos", torch.stack([rows.flatten(), cols.flatten()]), persistent=False)  # (2, s*s)
         self.proj = nn.Linear(2 * n_kp, d_out)
 
     def forward(self, x, lang):  # x (N, 3, H, W), lang (N, d_lang)
@@ -107,7 +110,7 @@ class FiLMResNetEncoder(nn.Module):
             beta, gamma = film(lang)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
             h = (1 + gamma) * h + beta  # FiLM
         attention = self.keypoints(h).flatten(2).softmax(-1)  # (N, K, s*s)
-        kp = torch.einsum("nks,cs->nck", attention, self.pos).flatten(1)  # (N, 2K): all x, then all y
+        kp = torch.einsum("nks,cs->nck", attention, self.pos).flatten(1)  # (N, 2K): all rows, then all columns
         return self.proj(kp)
 
 
@@ -276,3 +279,85 @@ class ResNetT(nn.Module):
         self.queue = (self.queue + [tokens])[-self.seq_len:]
         x = self.temporal_encode(torch.cat(self.queue, 1))[:, -1]  # (B, E)
         return gmm_sample(*self.head(x), 1)[0].clamp(-1, 1).cpu().numpy()  # (B, 7)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+_nth = lambda names, m: dict(enumerate(names)).get(int(m[1]), m[1])  # an index past the end stays (unmatched)
+# LIBERO's BCTransformerPolicy parameter names -> ResNetT's, applied in order (libero/lifelong/models/
+# bc_transformer_policy.py, policy_head.py, modules/{rgb,language,transformer}_modules.py). encoders.0 = agentview.
+LIBERO_NAMES = [
+    (r"^encoders\.(\d+)\.", lambda m: f"image_encoders.{_nth(CAMERAS, m)}."),
+    (r"\.resnet18_base\.", ".stem."),
+    (r"\.block_(\d)\.", lambda m: f".blocks.{int(m[1]) - 1}."),
+    (r"\.lang_proj(\d)\.", lambda m: f".film.{int(m[1]) - 1}."),
+    (r"\.projection_layer\.spatial_softmax\._spatial_conv\.", ".keypoints."),
+    (r"\.projection_layer\.projection\.", ".proj."),
+    (r"^language_encoder\.projection\.0\.", "language_encoder."),
+    (r"^extra_encoder\.encoders\.(\d+)\.0\.", lambda m: f"extra_encoders.{_nth(LOW_DIM, m)}."),
+    (r"^temporal_transformer\.layers\.(\d+)\.0\.norm\.", r"layers.\1.ln1."),
+    (r"^temporal_transformer\.layers\.(\d+)\.1\.qkv\.", r"layers.\1.qkv."),
+    (r"^temporal_transformer\.layers\.(\d+)\.1\.output_layer\.0\.", r"layers.\1.out."),
+    (r"^temporal_transformer\.layers\.(\d+)\.2\.norm\.", r"layers.\1.ln2."),
+    (r"^temporal_transformer\.layers\.(\d+)\.3\.net\.", r"layers.\1.mlp."),
+    (r"^policy_head\.share\.", "head.share."),
+    (r"^policy_head\.(mean|logstd|logits)_layer\.", lambda m: f"head.{dict(logstd='std').get(m[1], m[1])}."),
+]
+
+
+def libero_name(k):
+    """ResNetT's name for LIBERO's parameter name `k` (LIBERO_NAMES); an unknown name comes back unmapped."""
+    for pattern, repl in LIBERO_NAMES:
+        k = re.sub(pattern, repl, k)
+    return k
+
+
+def rename_libero(sd, policy):
+    """A dict keyed by LIBERO's BCTransformerPolicy names (its state_dict, or gradients) -> (ResNetT's names, problems).
+
+    LIBERO registers its last proprio MLP twice (`extra_encoder.proprio_mlp.*` is `extra_encoder.encoders.1.*`), and
+    holds constants ResNetT computes (spatial-softmax grids `pos_x` / `pos_y`, the temporal encoding's `inv_freq`):
+    these are dropped, and each that is not equal to its twin or to `policy`'s value is a problem (a string)."""
+    twin, out, problems = f"extra_encoder.encoders.{len(LOW_DIM) - 1}.", {}, []  # the twin of proprio_mlp
+    pos, step1 = next(iter(policy.image_encoders.values())).pos, policy.pos[1]  # (2, s*s), [sin w, cos w] (E,)
+    for k, v in sd.items():
+        grid = re.fullmatch(r"encoders\.\d+\.projection_layer\.spatial_softmax\.pos_([xy])", k)
+        same = k.replace("extra_encoder.proprio_mlp.", twin)
+        if same != k and same in sd:
+            if not torch.equal(v, sd[same]):
+                problems.append(f"{k} differs from its twin {same}")
+        elif grid:  # LIBERO's pos_x: the coordinate along the rows of the s x s feature map (pos_y: the columns)
+            if v.shape != (1, pos.shape[1]) or not torch.allclose(v.to(pos), pos["xy".index(grid[1])]):
+                problems.append(f"{k} {tuple(v.shape)} is the grid of {8 * math.isqrt(v.numel())} px images, "
+                                f"this policy takes {policy.config['img_size']} px (--img-size)")
+        elif k == "temporal_position_encoding_fn.inv_freq":
+            if v.shape != (len(step1) // 2,) or not torch.allclose(torch.cat([v.sin(), v.cos()]).to(step1), step1):
+                problems.append(f"{k} is not LIBERO's default (inv_freq_factor 10)")
+        else:
+            out[libero_name(k)] = v
+    return out, problems
+
+
+def check_fits(policy, sd, what, names=None, problems=()):
+    """ValueError, one line: `what` does not fit `policy`, naming every key of `sd` it lacks ('unmatched'), every key
+    it needs that `sd` lacks ('missing'), every one of another shape ('mis-shaped'), shown as `names` maps them, then
+    `problems`. Returns nothing when `policy.load_state_dict(sd)` would succeed."""
+    own, name = policy.state_dict(), lambda k: (names or {}).get(k, k)
+    problems = ([f"mis-shaped {name(k)} {tuple(getattr(v, 'shape', ()))} (ResNetT: {tuple(own[k].shape)})"
+                 for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+                + [f"unmatched {name(k)}" for k in sd if k not in own] + [f"missing {k}" for k in own if k not in sd]
+                + list(problems))
+    if problems:
+        config = ", ".join(f"{k}={v}" for k, v in policy.config.items())
+        raise ValueError(f"{what} does not fit ResNetT({config}): " + "; ".join(problems))
+
+
+def load_libero_state_dict(policy, sd, what="LIBERO state_dict"):
+    """Load LIBERO's BCTransformerPolicy weights (its `state_dict()`, default bc_transformer_policy config) into
+    `policy`, a ResNetT of the same task-embedding size (LIBERO's: bert-base-cased, 768) and image size; the policy
+    then computes LIBERO's function (checked against LIBERO's own outputs in test_m2distill.py). Returns the policy.
+    Raises ValueError, one line naming every unmatched, mis-shaped or unequal key (LIBERO's names) and every missing
+    one (ResNetT's names); `what` names the source."""
+    renamed, problems = rename_libero(sd, policy)
+    check_fits(policy, renamed, what, {libero_name(k): k for k in sd}, problems)
+    policy.load_state_dict(renamed)
+    return policy

@@ -638,3 +638,86 @@ def test_cli_bad_input_names_the_flag(argv, flag):
         expert.main(argv)
     msg = str(e.value)
     assert msg.startswith(flag) and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- LIBERO's weights; reading and writing checkpoints
+# (issue 12.1: LIBERO's BCTransformerPolicy weights compute LIBERO's outputs here)
+def close(actual, expected, atol=1e-5, msg=None):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg)
+
+
+@pytest.fixture(scope="module")
+def libero():
+    """What LIBERO's own code computed from its weights (README of the fixtures folder): 44 MB, kept outside the repo,
+    in $M2DISTILL_FIXTURES or ../shared/fixtures next to the checkout."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    root = os.environ.get("M2DISTILL_FIXTURES") or os.path.join(os.path.dirname(repo), "shared", "fixtures")
+    path = os.path.join(root, "libero_bctransformer_64px.pt")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent: set M2DISTILL_FIXTURES to the folder holding libero_bctransformer_64px.pt")
+    return torch.load(path, weights_only=True)
+
+
+def libero_policy(libero):
+    return model.load_libero_state_dict(model.ResNetT(768, img_size=64), libero["libero_state_dict"])
+
+
+def test_libero_weights_compute_libero_outputs(libero):
+    policy, x, ref = libero_policy(libero).eval(), libero["inputs"], libero["eval"]
+    with torch.no_grad():
+        tokens, lat = policy.spatial_encode(x["obs"], x["task_emb"])
+        latent = policy.temporal_encode(tokens)
+        out = policy(x["obs"], x["task_emb"])
+    for c in data.CAMERAS:
+        close(lat[c], ref["image_embeddings"][c])
+    close(tokens, ref["spatial_tokens"])  # [task, joint, gripper, agentview, eye_in_hand]
+    close(latent, ref["temporal_latent"])
+    close(out["means"], ref["gmm_means"]), close(out["stds"], ref["gmm_stds"]), close(out["logits"], ref["gmm_logits"])
+    close(-model.gmm_log_prob(out["means"], out["stds"], out["logits"], x["actions"]), ref["nll"])
+    close(m2distill.loss_bc(out, x["actions"]), ref["nll_mean"])
+
+
+def test_libero_training_step_has_libero_loss_and_gradients(libero):
+    policy, x = libero_policy(libero).train(), libero["inputs"]
+    for m in policy.modules():  # LIBERO's step was recorded with every dropout (and stochastic depth) at 0
+        if isinstance(m, (torch.nn.Dropout, model.TransformerLayer)):
+            m.p = m.dropout = 0.0
+    loss = m2distill.loss_bc(policy(x["obs"], x["task_emb"]), x["actions"])  # augmentation off: raw pixels
+    loss.backward()
+    close(loss, torch.tensor(libero["train"]["loss"]), atol=1e-4)
+    grads, problems = model.rename_libero(libero["train"]["raw_grads"], policy)
+    assert not problems and sorted(grads) == sorted(n for n, _ in policy.named_parameters())
+    for n, p in policy.named_parameters():
+        close(p.grad, grads[n], atol=1e-4, msg=n)
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 100.0)
+    close(norm, torch.tensor(libero["train"]["total_norm"]), atol=1e-4)
+
+
+def test_libero_get_action_steps_follow_libero(libero):
+    policy, steps, ref = libero_policy(libero), libero["steps"], libero["get_action"]
+    seen = []  # what the GMM head receives (the newest step's latent) and returns, step by step
+    policy.head.register_forward_hook(lambda m, inp, out: seen.append((inp[0], *out)))
+    policy.reset()
+    for t in range(12):
+        a = policy.get_action({k: v[t] for k, v in steps["obs"].items()}, steps["task_emb"])
+        assert len(policy.queue) == ref["queue_len"][t] and a.shape == (1, 7) and np.abs(a).max() <= 1
+        close(policy.queue[-1][:, -1:], ref["tokens"][t])
+    for i, key in enumerate(["latent", "means", "stds", "logits"]):
+        close(torch.stack([s[i] for s in seen]), ref[key], msg=key)
+
+
+def test_libero_loader_names_every_key_that_does_not_fit(libero):
+    sd = dict(libero["libero_state_dict"])
+    sd["policy_head.extra_layer.weight"] = torch.zeros(1)  # unmatched
+    del sd["policy_head.logits_layer.bias"]  # missing (ResNetT: head.logits.bias)
+    sd["language_encoder.projection.0.bias"] = torch.zeros(3)  # mis-shaped
+    sd["extra_encoder.proprio_mlp.0.bias"] = sd["extra_encoder.proprio_mlp.0.bias"] + 1  # LIBERO's twin differs
+    with pytest.raises(ValueError) as e:
+        model.load_libero_state_dict(model.ResNetT(768, img_size=64), sd)
+    msg = str(e.value)
+    assert "\n" not in msg and all(s in msg for s in [
+        "unmatched policy_head.extra_layer.weight", "missing head.logits.bias",
+        "mis-shaped language_encoder.projection.0.bias (3,) (ResNetT: (64,))",
+        "extra_encoder.proprio_mlp.0.bias differs from its twin extra_encoder.encoders.1.0.bias"])
+    with pytest.raises(ValueError, match="pos_x .* 64 px images, this policy takes 128 px"):
+        model.load_libero_state_dict(model.ResNetT(768, img_size=128), libero["libero_state_dict"])
