@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 import evaluate as rollouts
 from data import CAMERAS, LOW_DIM
-from model import ResNetT, augment_obs, fold_batchnorm, gmm_log_prob, gmm_sample
+from model import CKPT_FORMAT, ResNetT, augment_obs, fold_batchnorm, gmm_log_prob, gmm_sample, read_checkpoint
 
 PRESETS = {  # flags a preset fills in when they are not given on the command line
     # LIBERO's protocol (SPEC.md section 5): 50 demos, 50 epochs, 128 px, 20 episodes of 600 steps.
@@ -176,8 +176,18 @@ def save_json(obj, path):
 
 def save_checkpoint(policy, task_embs, args, k, path):
     torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
-                "suite": args.suite, "task": k, "algo": args.algo}, path + ".tmp")
+                "suite": args.suite, "task": k, "algo": args.algo, "format": CKPT_FORMAT}, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def resume_state(args, k):
+    """The weights of finished task k, from <out>/task<k>.pt, on --device (a run trained on a GPU resumes on a CPU)."""
+    try:
+        return read_checkpoint(os.path.join(args.out, f"task{k}.pt"), args.device, fix=(
+            f"results.json in --out records task {k} as finished, so resuming needs it: restore it, or pass another "
+            "--out to start over"))["state_dict"]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 RUN_FLAGS = ("suite", "algo", "n_tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
@@ -315,7 +325,7 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
         if k < done:  # finished before the run was stopped: restore, do not redo
             if k == done - 1:
-                policy.load_state_dict(torch.load(os.path.join(args.out, f"task{k}.pt"))["state_dict"])
+                policy.load_state_dict(resume_state(args, k))
         else:
             tqdm.write(f"== task {k}: {bench.get_task(k).language} ({len(train)} sequences)")
             curve, fwt_k = learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res)

@@ -7,7 +7,10 @@ token of each step. One forward pass returns the GMM parameters *and* every late
 distils (per-camera image tokens, the text token, the joint and gripper tokens).
 """
 import math
+import os
+import pickle
 import re
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -282,6 +285,8 @@ class ResNetT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+CKPT_FORMAT = 2  # 2: keypoints in LIBERO's order; a checkpoint without "format" had them [columns, rows]
+
 _nth = lambda names, m: dict(enumerate(names)).get(int(m[1]), m[1])  # an index past the end stays (unmatched)
 # LIBERO's BCTransformerPolicy parameter names -> ResNetT's, applied in order (libero/lifelong/models/
 # bc_transformer_policy.py, policy_head.py, modules/{rgb,language,transformer}_modules.py). encoders.0 = agentview.
@@ -361,3 +366,58 @@ def load_libero_state_dict(policy, sd, what="LIBERO state_dict"):
     check_fits(policy, renamed, what, {libero_name(k): k for k in sd}, problems)
     policy.load_state_dict(renamed)
     return policy
+
+
+def read_checkpoint(path, map_location="cpu", libero=False,
+                    fix="pass a task<k>.pt that m2distill.py wrote in its --out"):
+    """Read and check a checkpoint, its tensors on `map_location` (a run trained on a GPU reads on a CPU-only machine).
+
+    Ours, m2distill.py's task<k>.pt: dict(config, state_dict, task_embs (n_tasks, d_lang), task k, suite, algo, format),
+    returned once the state_dict fits ResNetT(**config); one older than format 2 gets the inputs of its keypoint
+    projections reordered (the same function in LIBERO's keypoint order). With libero=True, LIBERO's own file
+    (libero/lifelong/utils.py torch_save_model: dict(state_dict, cfg, previous_masks), or a bare state_dict) comes
+    back as dict(libero_state_dict=...). weights_only=True throughout: the classes of LIBERO's cfg (easydict) are
+    read as OrderedDicts. Raises FileNotFoundError or ValueError: one line naming the file, then `fix`."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+        raise ValueError(f"{path} is a directory; {fix} ({', '.join(found) or 'none here'}).")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file; {fix}.")
+    try:
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            with torch.serialization.safe_globals([(OrderedDict, n) for n in names]):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a file that is not a torch checkpoint raises anything: KeyError, EOFError, RuntimeError
+        with open(path, "rb") as f:
+            what = {b"PK\x03\x04": "a truncated or damaged torch file", b"\x89HDF": "an HDF5 file"}.get(f.read(4))
+        raise ValueError(f"{path} is {what or 'not a torch checkpoint'} ({type(e).__name__}); {fix}.") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; {fix}.")
+    sd = ckpt.get("state_dict", ckpt)
+    if "config" not in ckpt and isinstance(sd, dict) and "policy_head.logits_layer.bias" in sd:  # LIBERO's
+        if libero:
+            return {"libero_state_dict": sd}
+        raise ValueError(f"{path} is LIBERO's checkpoint (no task embeddings); start a run from it: m2distill.py "
+                         f"--init-from {path}.")
+    lacks = [k for k, t in [("config", dict), ("state_dict", dict), ("task_embs", torch.Tensor), ("task", int)]
+             if not isinstance(ckpt.get(k), t)]
+    if lacks:
+        raise ValueError(f"{path} lacks {', '.join(lacks)} (or holds them of other types); {fix}.")
+    try:
+        with torch.device("meta"):
+            policy = ResNetT(**ckpt["config"])
+    except TypeError as e:
+        raise ValueError(f"{path}: its config does not build a ResNetT ({e}); {fix}.") from None
+    check_fits(policy, sd, path)
+    embs, k = ckpt["task_embs"], ckpt["task"]
+    if not (embs.shape[1:] == (policy.config["d_lang"],) and 0 <= k < len(embs)):
+        raise ValueError(f"{path}: task_embs {tuple(embs.shape)} and task {k} do not fit d_lang "
+                         f"{policy.config['d_lang']} (want (n_tasks, d_lang) and 0 <= task < n_tasks); {fix}.")
+    if ckpt.get("format", 1) < 2:  # keypoints were [columns, rows]: swap the two halves of the projection's inputs
+        for c in CAMERAS:
+            w = sd[f"image_encoders.{c}.proj.weight"]
+            sd[f"image_encoders.{c}.proj.weight"] = w.roll(w.shape[1] // 2, 1)
+    return ckpt

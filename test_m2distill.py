@@ -6,7 +6,10 @@ import copy
 import importlib.util
 import json
 import os
+import re
+import shutil
 import time
+import types
 
 import h5py
 import numpy as np
@@ -641,7 +644,8 @@ def test_cli_bad_input_names_the_flag(argv, flag):
 
 
 # ----------------------------------------------------------------------------- LIBERO's weights; reading and writing checkpoints
-# (issue 12.1: LIBERO's BCTransformerPolicy weights compute LIBERO's outputs here)
+# (issue 12.1: LIBERO's BCTransformerPolicy weights compute LIBERO's outputs here; 12.3: GPU checkpoints on a CPU;
+#  11.5: bad checkpoint files, a deleted checkpoint)
 def close(actual, expected, atol=1e-5, msg=None):
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg)
 
@@ -721,3 +725,88 @@ def test_libero_loader_names_every_key_that_does_not_fit(libero):
         "extra_encoder.proprio_mlp.0.bias differs from its twin extra_encoder.encoders.1.0.bias"])
     with pytest.raises(ValueError, match="pos_x .* 64 px images, this policy takes 128 px"):
         model.load_libero_state_dict(model.ResNetT(768, img_size=128), libero["libero_state_dict"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(suite_dir, tmp_path_factory):
+    """A finished two-task run (sequential, the cheapest), copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("finished")
+    m2distill.run(tiny_args(suite_dir, out, "sequential"))
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_run_trained_on_a_gpu_resumes_and_evaluates_on_a_cpu(finished_run, suite_dir, tmp_path):
+    out, cuda = copy_run(finished_run, tmp_path), [False]
+    torch.serialization.register_package(0, lambda storage: "cuda:0" if cuda[0] else None, lambda obj, loc: None)
+    for k in range(2):  # tag every tensor for cuda:0, as torch.save does on a GPU machine
+        ckpt = torch.load(out / f"task{k}.pt", weights_only=True)
+        cuda[0] = True
+        try:
+            torch.save(ckpt, out / f"task{k}.pt")
+        finally:
+            cuda[0] = False
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(out / "task1.pt", weights_only=True)
+    res = m2distill.run(tiny_args(suite_dir, out, "sequential"))  # resumes: task1.pt is read, nothing left to do
+    assert len(res["tasks"]) == 2
+    policy, embs, suite, learned = evaluate.load_policy(str(out / "task1.pt"))
+    assert learned == [0, 1] and next(policy.parameters()).device.type == "cpu"
+
+
+def test_a_deleted_or_damaged_checkpoint_stops_the_resume_with_one_line(finished_run, suite_dir, tmp_path,
+                                                                        monkeypatch):
+    out = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(m2distill, "train_step", lambda *a: pytest.fail("trained although the run cannot resume"))
+    results = (out / "results.json").read_text()
+    os.remove(out / "task1.pt")  # a finished run
+    with pytest.raises(SystemExit) as e:
+        m2distill.run(tiny_args(suite_dir, out, "sequential"))
+    assert str(e.value).startswith(f"{out / 'task1.pt'}: no such file") and "restore it" in str(e.value)
+    res = json.loads(results)  # a partly finished run (task 0 of 2), its task0.pt cut short
+    for key in ("tasks", "success", "curves", "fwt_k", "nll"):
+        res[key] = res[key][:1]
+    (out / "results.json").write_text(json.dumps(res))
+    (out / "task0.pt").write_bytes((out / "task0.pt").read_bytes()[:5000])
+    with pytest.raises(SystemExit) as e:
+        m2distill.run(tiny_args(suite_dir, out, "sequential"))
+    msg = str(e.value)
+    assert msg.startswith(f"{out / 'task0.pt'} is a truncated or damaged torch file") and "\n" not in msg
+    assert json.loads((out / "results.json").read_text()) == res
+
+
+def test_evaluate_refuses_what_is_not_a_checkpoint_in_one_line(finished_run, tmp_path):
+    bad = {"text": tmp_path / "notes.txt", "hdf5": tmp_path / "task0_demo.hdf5", "truncated": tmp_path / "cut.pt",
+           "tensor": tmp_path / "tensor.pt", "empty dict": tmp_path / "empty.pt", "directory": finished_run,
+           "missing": tmp_path / "nope.pt"}
+    bad["text"].write_text("task0.pt\n")
+    data.write_synthetic_task(str(bad["hdf5"]), "pick it up", n_demos=1, length=4, img_size=8)
+    bad["truncated"].write_bytes((finished_run / "task0.pt").read_bytes()[:100_000])
+    torch.save(torch.ones(3), bad["tensor"])
+    torch.save({}, bad["empty dict"])
+    expect = {"text": "is not a torch checkpoint", "hdf5": "is an HDF5 file", "truncated": "is a truncated or damaged",
+              "tensor": "holds a Tensor, not a checkpoint", "empty dict": "lacks config, state_dict, task_embs, task",
+              "directory": "is a directory; .* \\(task0.pt, task1.pt\\)", "missing": ": no such file"}
+    for kind, path in bad.items():
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(path)])
+        msg = str(e.value)
+        assert msg.startswith(f"--checkpoint {path}") and "\n" not in msg, kind
+        assert re.search(expect[kind], msg) and "task<k>.pt" in msg, (kind, msg)
+
+
+def test_a_checkpoint_from_before_the_libero_keypoint_order_keeps_its_function(tmp_path):
+    policy = model.ResNetT(32, img_size=32).eval()
+    for enc in policy.image_encoders.values():
+        enc.pos = enc.pos.flip(0)  # the order before format 2: [columns, rows]
+    obs, emb, path = fake_obs(B=1, T=3), torch.randn(1, 32), str(tmp_path / "task0.pt")
+    torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": torch.randn(10, 32),
+                "suite": SUITE, "task": 0, "algo": "er"}, path)  # no "format"
+    loaded, *_ = evaluate.load_policy(path)
+    with torch.no_grad():
+        close(loaded(obs, emb)["means"], policy(obs, emb)["means"])
