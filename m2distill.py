@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -175,9 +176,33 @@ def save_json(obj, path):
 
 
 def save_checkpoint(policy, task_embs, args, k, path):
-    torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
-                "suite": args.suite, "task": k, "algo": args.algo, "format": CKPT_FORMAT}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """<out>/task<k>.pt (read back by model.read_checkpoint), written atomically. A full disk (OSError, or the
+    RuntimeError of torch's zip writer) leaves no .tmp behind and stops the run with one line naming the path and
+    the free space; the finished tasks stay (results.json is written after their checkpoint)."""
+    try:
+        torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
+                    "suite": args.suite, "task": k, "algo": args.algo, "format": CKPT_FORMAT}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
+        raise SystemExit(f"{path}: writing the checkpoint failed ({reason}); {free_mb(os.path.dirname(path))} MB "
+                         "free on that disk. Free some space (or pass another --out) and rerun: the finished tasks "
+                         "are kept.") from None
+
+
+def free_mb(folder):
+    return shutil.disk_usage(folder or ".").free // 2**20
+
+
+def check_room(policy, task_embs, args):
+    """Stop before training a task whose checkpoint the disk of --out has no room for (~1.1x the weights + 1 MB)."""
+    need = (11 * sum(t.nbytes for t in policy.state_dict().values()) // 10 + task_embs.nbytes + 2**20) // 2**20
+    free = free_mb(args.out)
+    if free < need:
+        raise SystemExit(f"--out {args.out}: {free} MB free on its disk, a checkpoint needs {need} MB; free some "
+                         "space or pass another --out (the finished tasks are kept).")
 
 
 def resume_state(args, k):
@@ -245,6 +270,7 @@ def ensure_data(args, bench):
 def learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res):
     """LIBERO's learn_one_task: fresh AdamW + cosine schedule, epochs 1..E, rollouts of the current
     task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one) loaded at the end."""
+    check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=1e-5)
     g = torch.Generator().manual_seed(args.seed * 1000 + k)

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_m2distill.py
 """
 import copy
+import errno
 import importlib.util
 import json
 import os
@@ -645,7 +646,7 @@ def test_cli_bad_input_names_the_flag(argv, flag):
 
 # ----------------------------------------------------------------------------- LIBERO's weights; reading and writing checkpoints
 # (issue 12.1: LIBERO's BCTransformerPolicy weights compute LIBERO's outputs here; 12.3: GPU checkpoints on a CPU;
-#  11.5: bad checkpoint files, a deleted checkpoint)
+#  11.5: bad checkpoint files, a deleted checkpoint, a full disk)
 def close(actual, expected, atol=1e-5, msg=None):
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg)
 
@@ -798,6 +799,39 @@ def test_evaluate_refuses_what_is_not_a_checkpoint_in_one_line(finished_run, tmp
         msg = str(e.value)
         assert msg.startswith(f"--checkpoint {path}") and "\n" not in msg, kind
         assert re.search(expect[kind], msg) and "task<k>.pt" in msg, (kind, msg)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_loses_nothing_and_the_rerun_stops_before_training(
+        suite_dir, tmp_path, monkeypatch):
+    args, save = tiny_args(suite_dir, tmp_path, "sequential"), torch.save
+
+    def disk_fills(obj, f, *a, **kw):  # what torch's zip writer raises when the disk fills under task1.pt
+        if str(f).endswith("task1.pt.tmp"):
+            open(f, "wb").write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4288 vs 4276")
+        return save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", disk_fills)
+    with pytest.raises(SystemExit) as e:
+        m2distill.run(args)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'task1.pt'}: writing the checkpoint failed") and "MB free" in msg
+    assert "\n" not in msg and sorted(os.listdir(tmp_path)) == ["results.json", "task0.pt"]  # no stale .tmp
+    assert len(json.load(open(tmp_path / "results.json"))["tasks"]) == 1  # task 0 kept
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=2**20))  # still full: 1 MB
+    monkeypatch.setattr(m2distill, "train_step", lambda *a: pytest.fail("trained although the disk is full"))
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path}: 1 MB free on its disk, a checkpoint needs [0-9]+ MB"):
+        m2distill.run(args)
+
+    def no_space(obj, f, *a, **kw):  # the other error a full disk gives: OSError ENOSPC from the file write
+        open(f, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit, match="No space left on device.*1 MB free"):
+        m2distill.save_checkpoint(model.ResNetT(32), torch.zeros(10, 32), args, 0, str(tmp_path / "x.pt"))
+    assert not os.path.exists(tmp_path / "x.pt.tmp")
 
 
 def test_a_checkpoint_from_before_the_libero_keypoint_order_keeps_its_function(tmp_path):
