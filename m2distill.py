@@ -27,7 +27,8 @@ from tqdm import tqdm
 import data
 import evaluate as rollouts
 from data import CAMERAS, LOW_DIM
-from model import CKPT_FORMAT, ResNetT, augment_obs, fold_batchnorm, gmm_log_prob, gmm_sample, read_checkpoint
+from model import (CKPT_FORMAT, ResNetT, augment_obs, fold_batchnorm, gmm_log_prob, gmm_sample, init_from,
+                   read_checkpoint)
 
 PRESETS = {  # flags a preset fills in when they are not given on the command line
     # LIBERO's protocol (SPEC.md section 5): 50 demos, 50 epochs, 128 px, 20 episodes of 600 steps.
@@ -217,7 +218,8 @@ def resume_state(args, k):
 
 RUN_FLAGS = ("suite", "algo", "n_tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
-             "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip")
+             "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
+             "init_from")
 
 
 def load_results(args):
@@ -314,6 +316,11 @@ def run(args, evaluate=None):
     languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]
     task_embs = data.task_embeddings(languages, args.task_emb, cache_dir=os.path.join(args.data_dir, ".cache"))
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
+    if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
+        try:
+            init_from(policy, args.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--init-from {e}") from None
     evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
         evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
@@ -409,6 +416,8 @@ def parse_args(argv=None):
     a("--kl-direction", default="forward", choices=["forward", "reverse"], help="KL(old||new) or KL(new||old)")
     a("--kl-timesteps", default="all", choices=["all", "last"], help="steps of each sequence L_policy covers")
     a("--task-emb", default="minilm", choices=["minilm", "bert", "onehot", "hash"])
+    a("--init-from", metavar="PATH", help="start task 0 from these weights: LIBERO's BCTransformerPolicy checkpoint "
+                                          "(its task embedding: --task-emb bert) or a task<k>.pt of m2distill.py")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.device.startswith("cuda") else "cpu")
     for k, v in PRESETS[args.preset].items():
@@ -418,6 +427,8 @@ def parse_args(argv=None):
     for flag in ("epochs", "batch_size", "n_demos", "eval_every", "max_steps", "seq_len", "kl_samples"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.init_from and not os.path.isfile(args.init_from):
+        p.error(f"--init-from {args.init_from}: no such file; pass LIBERO's checkpoint or a task<k>.pt of ours")
     return args
 
 

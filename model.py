@@ -421,3 +421,24 @@ def read_checkpoint(path, map_location="cpu", libero=False,
             w = sd[f"image_encoders.{c}.proj.weight"]
             sd[f"image_encoders.{c}.proj.weight"] = w.roll(w.shape[1] // 2, 1)
     return ckpt
+
+
+def init_from(policy, path):
+    """Initialise `policy` (a ResNetT) from LIBERO's BCTransformerPolicy checkpoint (`load_libero_state_dict`) or from
+    one of ours (a task<k>.pt of the same config). The task-embedding size must match (LIBERO's: bert, 768).
+    Raises FileNotFoundError or ValueError, one line naming the file and the fix. Returns the policy."""
+    ckpt = read_checkpoint(path, next(policy.parameters()).device, libero=True,
+                           fix="pass LIBERO's BCTransformerPolicy checkpoint or a task<k>.pt of m2distill.py")
+    sd = ckpt.get("libero_state_dict")
+    lang = ckpt["task_embs"] if sd is None else sd.get("language_encoder.projection.0.weight", torch.zeros(0))
+    if lang.numel() and lang.shape[-1] != policy.config["d_lang"]:
+        raise ValueError(f"{path} takes {lang.shape[-1]}-d task embeddings, this run's are "
+                         f"{policy.config['d_lang']}-d; pass the --task-emb it was trained with (LIBERO's: bert, "
+                         "768-d, with bert-base-cased on disk).")
+    if sd is not None:
+        return load_libero_state_dict(policy, sd, path)
+    diff = [f"{k} {v} (this run: {policy.config[k]})" for k, v in ckpt["config"].items() if policy.config.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with {', '.join(diff)}; pass the same flags (e.g. --img-size).")
+    policy.load_state_dict(ckpt["state_dict"])
+    return policy

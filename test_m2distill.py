@@ -728,6 +728,46 @@ def test_libero_loader_names_every_key_that_does_not_fit(libero):
         model.load_libero_state_dict(model.ResNetT(768, img_size=128), libero["libero_state_dict"])
 
 
+class EasyDict(dict):
+    """Stands for the class of LIBERO's saved cfg (easydict.EasyDict): one torch's weights_only does not know."""
+
+
+def test_init_from_a_libero_checkpoint_or_one_of_ours(libero, suite_dir, tmp_path, monkeypatch):
+    path, x = str(tmp_path / "libero_task0.pth"), libero["inputs"]
+    cfg = EasyDict(policy={"embed_size": 64})
+    cfg.policy = cfg["policy"]
+    torch.save({"state_dict": libero["libero_state_dict"], "cfg": cfg, "previous_masks": None}, path)  # LIBERO's format
+    policy = model.init_from(model.ResNetT(768, img_size=64), path).eval()
+    with torch.no_grad():
+        close(policy(x["obs"], x["task_emb"])["means"], libero["eval"]["gmm_means"])
+    with pytest.raises(ValueError, match="takes 768-d task embeddings, this run's are 32-d; pass the --task-emb"):
+        model.init_from(model.ResNetT(32, img_size=64), path)
+    with pytest.raises(SystemExit, match="^--checkpoint .* is LIBERO's checkpoint .* --init-from"):
+        evaluate.main(["--checkpoint", path])
+    ours = str(tmp_path / "task0.pt")
+    m2distill.save_checkpoint(policy, torch.randn(10, 768), types.SimpleNamespace(suite=SUITE, algo="er"), 0, ours)
+    again = model.init_from(model.ResNetT(768, img_size=64), ours)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in policy.state_dict().items())
+    with pytest.raises(ValueError, match="trained with img_size 64 .this run: 32.; pass the same flags"):
+        model.init_from(model.ResNetT(768, img_size=32), ours)
+    # The flag: the policy holds these weights when task 0 starts; a mismatch is one line before any training.
+    started = []
+
+    def learn_task(policy, *a):  # record the weights task 0 starts from, then stop the run
+        started.append(copy.deepcopy(policy.state_dict()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m2distill, "learn_task", learn_task)
+    with pytest.raises(SystemExit, match="^--init-from .*768-d task embeddings, this run's are 32-d"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "a", init_from=path))
+    small = str(tmp_path / "small.pt")
+    m2distill.save_checkpoint(model.ResNetT(32, img_size=32), torch.randn(10, 32),
+                              types.SimpleNamespace(suite=SUITE, algo="er"), 0, small)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "b", init_from=small))
+    assert all(torch.equal(v, started[0][k]) for k, v in torch.load(small, weights_only=True)["state_dict"].items())
+
+
 @pytest.fixture(scope="module")
 def finished_run(suite_dir, tmp_path_factory):
     """A finished two-task run (sequential, the cheapest), copied by each test that changes it."""
