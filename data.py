@@ -337,7 +337,7 @@ def task_embeddings(instructions, kind="minilm", cache_dir=None):
     cache = cache_dir and os.path.join(cache_dir, f"task_emb_{kind}_{key}.pt")
     if cache and os.path.exists(cache):
         try:
-            return torch.load(cache), kind
+            return torch.load(cache, map_location="cpu", weights_only=True), kind
         except Exception:  # a cut-off or foreign file: recompute it
             pass
     if kind == "onehot":

@@ -390,11 +390,10 @@ def plot_aggregate(groups, path):
 
 # ----------------------------------------------------------------------------- command line
 def load_policy(path):
-    """A checkpoint written by m2distill.py -> (policy, task embeddings, its suite, the tasks it has learned)."""
-    from model import ResNetT
-    if not os.path.exists(path):
-        raise SystemExit(f"--checkpoint {path}: no such file; m2distill.py writes <out>/task<k>.pt.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint written by m2distill.py -> (policy, task embeddings, its suite, the tasks it has learned).
+    Raises FileNotFoundError or ValueError, one line naming the file and the fix (model.read_checkpoint)."""
+    from model import ResNetT, read_checkpoint
+    ckpt = read_checkpoint(path)
     policy = ResNetT(**ckpt["config"])
     policy.load_state_dict(ckpt["state_dict"])
     return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), ckpt.get("tasks", list(range(ckpt["task"] + 1)))
@@ -480,7 +479,10 @@ def main(argv=None):
         return bench(args)
     if not args.checkpoint:
         p.error("--checkpoint is required (or --bench)")
-    policy, embs, suite, learned = load_policy(args.checkpoint)
+    try:
+        policy, embs, suite, learned = load_policy(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--checkpoint {e}") from None
     args.suite = args.suite or suite
     n = data.suite_benchmark(args.suite).get_num_tasks()
     tasks = args.tasks or [t for t in learned if t < n]

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -27,7 +28,8 @@ from tqdm import tqdm
 import data
 import evaluate as rollouts
 from data import CAMERAS, LOW_DIM
-from model import ResNetT, augment_obs, fold_batchnorm, gmm_log_prob, gmm_sample
+from model import (CKPT_FORMAT, ResNetT, augment_obs, fold_batchnorm, gmm_log_prob, gmm_sample, init_from,
+                   read_checkpoint)
 
 PRESETS = {  # flags a preset fills in when they are not given on the command line
     # LIBERO's protocol (SPEC.md section 5): 50 demos, 50 epochs, 128 px, 20 episodes of 600 steps.
@@ -178,21 +180,57 @@ def save_json(obj, path):
 
 
 def save_checkpoint(policy, task_embs, args, j, path, task_emb=None):
-    """task<j>.pt: the policy after the j-th task of the run; `tasks` lists the LIBERO task ids it has learned,
-    `task_emb` the {"kind", "dim"} of the task embeddings `task_embs`."""
+    """task<j>.pt: the policy after the j-th task of the run (read back by model.read_checkpoint); `tasks`
+    lists the LIBERO task ids it has learned, `task_emb` the {"kind", "dim"} of the task embeddings."""
     save_torch({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": task_embs,
                 "task_emb": task_emb, "suite": args.suite, "task": j, "tasks": args.tasks[:j + 1],
-                "algo": args.algo}, path)
+                "algo": args.algo, "format": CKPT_FORMAT}, path)
 
 
 def save_torch(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save, atomically. A full disk (OSError, or the RuntimeError of torch's zip writer) leaves no .tmp
+    behind and stops the run with one line naming the path and the free space; the finished tasks stay
+    (results.json is written after their checkpoint)."""
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
+        raise SystemExit(f"{path}: writing failed ({reason}); {free_mb(os.path.dirname(path))} MB free on that "
+                         "disk. Free some space (or pass another --out) and rerun: the finished work is kept.") from None
+
+
+def free_mb(folder):
+    return shutil.disk_usage(folder or ".").free // 2**20
+
+
+def check_room(policy, task_embs, args):
+    """Stop before training a task whose checkpoints the disk of --out has no room for: task<k>.pt and
+    progress.pt (weights, AdamW's two moments and the best weights so far), ~5.5x the weights + 1 MB."""
+    need = (11 * sum(t.nbytes for t in policy.state_dict().values()) // 2 + task_embs.nbytes + 2**20) // 2**20
+    free = free_mb(args.out)
+    if free < need:
+        raise SystemExit(f"--out {args.out}: {free} MB free on its disk, a checkpoint needs {need} MB; free some "
+                         "space or pass another --out (the finished tasks are kept).")
+
+
+def resume_state(args, j):
+    """The weights after the run's j-th task, from <out>/task<j>.pt, on --device (a run trained on a GPU resumes
+    on a CPU)."""
+    try:
+        return read_checkpoint(os.path.join(args.out, f"task{j}.pt"), args.device, fix=(
+            f"results.json in --out records task {j} as finished, so resuming needs it: restore it, or pass another "
+            "--out to start over"))["state_dict"]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
-             "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip")
+             "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
+             "init_from")
 
 
 PER_TASK = ("tasks", "task_ids", "success", "curves", "fwt_k", "nll", "demos")  # results.json lists, one entry per task
@@ -248,8 +286,11 @@ def first_task_from(args, res):
     if diff or not other["tasks"]:
         raise SystemExit(f"--first-task-from {src}: " + (f"that run has other flags ({', '.join(diff)})" if diff
                          else "that run has not finished its first task") + "; train the first task here instead.")
-    save_torch(torch.load(os.path.join(src, "task0.pt"), map_location="cpu", weights_only=False),
-               os.path.join(args.out, "task0.pt"))
+    try:
+        ckpt = read_checkpoint(os.path.join(src, "task0.pt"), fix="train the first task here instead")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--first-task-from {src}: {e}") from None
+    save_torch(ckpt, os.path.join(args.out, "task0.pt"))
     res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src, task_emb=other.get("task_emb"))
     return res
 
@@ -307,6 +348,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     loaded at the end. After every epoch the whole training state (weights, optimizer, schedule, random
     streams, curve, best so far) goes to <out>/progress.pt, so a run killed mid-task resumes from its last
     finished epoch and ends exactly as an uninterrupted one would."""
+    check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=1e-5)
@@ -315,7 +357,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     st = {"task": j, "epoch": -1, "curve": [], "best": -1.0, "best_state": None, "best_idx": 0}
     progress = os.path.join(args.out, "progress.pt")
     if os.path.exists(progress):
-        saved = torch.load(progress, map_location=args.device, weights_only=False)
+        saved = torch.load(progress, map_location=args.device, weights_only=True)
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
             policy.load_state_dict(saved["policy"])
             opt.load_state_dict(saved["opt"])
@@ -378,6 +420,11 @@ def run(args, evaluate=None):
     ensure_data(args, bench)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
+    if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
+        try:
+            init_from(policy, args.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--init-from {e}") from None
     evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
         evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
@@ -415,7 +462,7 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
         if j < done:  # finished before the run was stopped: restore, do not redo
             if j == done - 1:
-                policy.load_state_dict(torch.load(os.path.join(args.out, f"task{j}.pt"))["state_dict"])
+                policy.load_state_dict(resume_state(args, j))
         else:
             tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
                        f"({len(train)} sequences)")
@@ -491,6 +538,8 @@ def parse_args(argv=None):
     a("--kl-direction", default="forward", choices=["forward", "reverse"], help="KL(old||new) or KL(new||old)")
     a("--kl-timesteps", default="all", choices=["all", "last"], help="steps of each sequence L_policy covers")
     a("--task-emb", default="minilm", choices=["minilm", "bert", "onehot", "hash"])
+    a("--init-from", metavar="PATH", help="start task 0 from these weights: LIBERO's BCTransformerPolicy checkpoint "
+                                          "(its task embedding: --task-emb bert) or a task<k>.pt of m2distill.py")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.device.startswith("cuda") else "cpu")
     if args.tasks and args.n_tasks not in (None, len(args.tasks)):
@@ -506,6 +555,8 @@ def parse_args(argv=None):
         if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi) and (v > 0 or flag not in POSITIVE)):
             allowed = "a number > 0" if flag in POSITIVE else f"{lo} or more" if hi is None else f"{lo} to {hi}"
             raise SystemExit(f"--{flag.replace('_', '-')} {v}: out of range; allowed: {allowed}.")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise SystemExit(f"--init-from {args.init_from}: no such file; pass LIBERO's checkpoint or a task<k>.pt of ours.")
     return args
 
 

@@ -7,6 +7,10 @@ token of each step. One forward pass returns the GMM parameters *and* every late
 distils (per-camera image tokens, the text token, the joint and gripper tokens).
 """
 import math
+import os
+import pickle
+import re
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -84,7 +88,8 @@ class BasicBlock(nn.Module):
 
 class FiLMResNetEncoder(nn.Module):
     """ResNet-18 through layer2 (not pretrained), FiLM on the task embedding after each BasicBlock,
-    spatial softmax over 32 keypoints, Linear(64 -> E). (N, 3, H, W) in [0, 1] -> (N, E)."""
+    spatial softmax over 32 keypoints, Linear(64 -> E). (N, 3, H, W) in [0, 1] -> (N, E).
+    LIBERO: modules/rgb_modules.py ResnetEncoder + SpatialProjection (keypoints in its order)."""
 
     def __init__(self, d_lang, img_size=128, d_out=64, n_kp=32):
         super().__init__()
@@ -96,8 +101,9 @@ class FiLMResNetEncoder(nn.Module):
         self.film = nn.ModuleList([nn.Linear(d_lang, 2 * c) for c in widths])
         self.keypoints = nn.Conv2d(128, n_kp, 1)
         s = img_size // 8  # feature map side after the stride-2 conv, maxpool and layer2
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
-        self.register_buffer("pos", torch.stack([xs.flatten(), ys.flatten()]), persistent=False)  # (2, s*s)
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+        # LIBERO's SpatialSoftmax order (its pos_x, pos_y): the coordinate along the rows, then along the columns
+        self.register_buffer("pos", torch.stack([rows.flatten(), cols.flatten()]), persistent=False)  # (2, s*s)
         self.proj = nn.Linear(2 * n_kp, d_out)
 
     def forward(self, x, lang):  # x (N, 3, H, W), lang (N, d_lang)
@@ -107,7 +113,7 @@ class FiLMResNetEncoder(nn.Module):
             beta, gamma = film(lang)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
             h = (1 + gamma) * h + beta  # FiLM
         attention = self.keypoints(h).flatten(2).softmax(-1)  # (N, K, s*s)
-        kp = torch.einsum("nks,cs->nck", attention, self.pos).flatten(1)  # (N, 2K): all x, then all y
+        kp = torch.einsum("nks,cs->nck", attention, self.pos).flatten(1)  # (N, 2K): all rows, then all columns
         return self.proj(kp)
 
 
@@ -280,3 +286,163 @@ class ResNetT(nn.Module):
         self.queue = (self.queue + [tokens])[-self.seq_len:]
         x = self.temporal_encode(torch.cat(self.queue, 1))[:, -1]  # (B, E)
         return gmm_sample(*self.head(x), 1)[0].clamp(-1, 1).cpu().numpy()  # (B, 7)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+CKPT_FORMAT = 2  # 2: keypoints in LIBERO's order; a checkpoint without "format" had them [columns, rows]
+
+_nth = lambda names, m: dict(enumerate(names)).get(int(m[1]), m[1])  # an index past the end stays (unmatched)
+# LIBERO's BCTransformerPolicy parameter names -> ResNetT's, applied in order (libero/lifelong/models/
+# bc_transformer_policy.py, policy_head.py, modules/{rgb,language,transformer}_modules.py). encoders.0 = agentview.
+LIBERO_NAMES = [
+    (r"^encoders\.(\d+)\.", lambda m: f"image_encoders.{_nth(CAMERAS, m)}."),
+    (r"\.resnet18_base\.", ".stem."),
+    (r"\.block_(\d)\.", lambda m: f".blocks.{int(m[1]) - 1}."),
+    (r"\.lang_proj(\d)\.", lambda m: f".film.{int(m[1]) - 1}."),
+    (r"\.projection_layer\.spatial_softmax\._spatial_conv\.", ".keypoints."),
+    (r"\.projection_layer\.projection\.", ".proj."),
+    (r"^language_encoder\.projection\.0\.", "language_encoder."),
+    (r"^extra_encoder\.encoders\.(\d+)\.0\.", lambda m: f"extra_encoders.{_nth(LOW_DIM, m)}."),
+    (r"^temporal_transformer\.layers\.(\d+)\.0\.norm\.", r"layers.\1.ln1."),
+    (r"^temporal_transformer\.layers\.(\d+)\.1\.qkv\.", r"layers.\1.qkv."),
+    (r"^temporal_transformer\.layers\.(\d+)\.1\.output_layer\.0\.", r"layers.\1.out."),
+    (r"^temporal_transformer\.layers\.(\d+)\.2\.norm\.", r"layers.\1.ln2."),
+    (r"^temporal_transformer\.layers\.(\d+)\.3\.net\.", r"layers.\1.mlp."),
+    (r"^policy_head\.share\.", "head.share."),
+    (r"^policy_head\.(mean|logstd|logits)_layer\.", lambda m: f"head.{dict(logstd='std').get(m[1], m[1])}."),
+]
+
+
+def libero_name(k):
+    """ResNetT's name for LIBERO's parameter name `k` (LIBERO_NAMES); an unknown name comes back unmapped."""
+    for pattern, repl in LIBERO_NAMES:
+        k = re.sub(pattern, repl, k)
+    return k
+
+
+def rename_libero(sd, policy):
+    """A dict keyed by LIBERO's BCTransformerPolicy names (its state_dict, or gradients) -> (ResNetT's names, problems).
+
+    LIBERO registers its last proprio MLP twice (`extra_encoder.proprio_mlp.*` is `extra_encoder.encoders.1.*`), and
+    holds constants ResNetT computes (spatial-softmax grids `pos_x` / `pos_y`, the temporal encoding's `inv_freq`):
+    these are dropped, and each that is not equal to its twin or to `policy`'s value is a problem (a string)."""
+    twin, out, problems = f"extra_encoder.encoders.{len(LOW_DIM) - 1}.", {}, []  # the twin of proprio_mlp
+    pos, step1 = next(iter(policy.image_encoders.values())).pos, policy.pos[1]  # (2, s*s), [sin w, cos w] (E,)
+    for k, v in sd.items():
+        grid = re.fullmatch(r"encoders\.\d+\.projection_layer\.spatial_softmax\.pos_([xy])", k)
+        same = k.replace("extra_encoder.proprio_mlp.", twin)
+        if same != k and same in sd:
+            if not torch.equal(v, sd[same]):
+                problems.append(f"{k} differs from its twin {same}")
+        elif grid:  # LIBERO's pos_x: the coordinate along the rows of the s x s feature map (pos_y: the columns)
+            if v.shape != (1, pos.shape[1]) or not torch.allclose(v.to(pos), pos["xy".index(grid[1])]):
+                problems.append(f"{k} {tuple(v.shape)} is the grid of {8 * math.isqrt(v.numel())} px images, "
+                                f"this policy takes {policy.config['img_size']} px (--img-size)")
+        elif k == "temporal_position_encoding_fn.inv_freq":
+            if v.shape != (len(step1) // 2,) or not torch.allclose(torch.cat([v.sin(), v.cos()]).to(step1), step1):
+                problems.append(f"{k} is not LIBERO's default (inv_freq_factor 10)")
+        else:
+            out[libero_name(k)] = v
+    return out, problems
+
+
+def check_fits(policy, sd, what, names=None, problems=()):
+    """ValueError, one line: `what` does not fit `policy`, naming every key of `sd` it lacks ('unmatched'), every key
+    it needs that `sd` lacks ('missing'), every one of another shape ('mis-shaped'), shown as `names` maps them, then
+    `problems`. Returns nothing when `policy.load_state_dict(sd)` would succeed."""
+    own, name = policy.state_dict(), lambda k: (names or {}).get(k, k)
+    problems = ([f"mis-shaped {name(k)} {tuple(getattr(v, 'shape', ()))} (ResNetT: {tuple(own[k].shape)})"
+                 for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+                + [f"unmatched {name(k)}" for k in sd if k not in own] + [f"missing {k}" for k in own if k not in sd]
+                + list(problems))
+    if problems:
+        config = ", ".join(f"{k}={v}" for k, v in policy.config.items())
+        raise ValueError(f"{what} does not fit ResNetT({config}): " + "; ".join(problems))
+
+
+def load_libero_state_dict(policy, sd, what="LIBERO state_dict"):
+    """Load LIBERO's BCTransformerPolicy weights (its `state_dict()`, default bc_transformer_policy config) into
+    `policy`, a ResNetT of the same task-embedding size (LIBERO's: bert-base-cased, 768) and image size; the policy
+    then computes LIBERO's function (checked against LIBERO's own outputs in test_m2distill.py). Returns the policy.
+    Raises ValueError, one line naming every unmatched, mis-shaped or unequal key (LIBERO's names) and every missing
+    one (ResNetT's names); `what` names the source."""
+    renamed, problems = rename_libero(sd, policy)
+    check_fits(policy, renamed, what, {libero_name(k): k for k in sd}, problems)
+    policy.load_state_dict(renamed)
+    return policy
+
+
+def read_checkpoint(path, map_location="cpu", libero=False,
+                    fix="pass a task<k>.pt that m2distill.py wrote in its --out"):
+    """Read and check a checkpoint, its tensors on `map_location` (a run trained on a GPU reads on a CPU-only machine).
+
+    Ours, m2distill.py's task<k>.pt: dict(config, state_dict, task_embs (n_tasks, d_lang), task k, suite, algo, format),
+    returned once the state_dict fits ResNetT(**config); one older than format 2 gets the inputs of its keypoint
+    projections reordered (the same function in LIBERO's keypoint order). With libero=True, LIBERO's own file
+    (libero/lifelong/utils.py torch_save_model: dict(state_dict, cfg, previous_masks), or a bare state_dict) comes
+    back as dict(libero_state_dict=...). weights_only=True throughout: the classes of LIBERO's cfg (easydict) are
+    read as OrderedDicts. Raises FileNotFoundError or ValueError: one line naming the file, then `fix`."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+        raise ValueError(f"{path} is a directory; {fix} ({', '.join(found) or 'none here'}).")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file; {fix}.")
+    try:
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            with torch.serialization.safe_globals([(OrderedDict, n) for n in names]):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a file that is not a torch checkpoint raises anything: KeyError, EOFError, RuntimeError
+        with open(path, "rb") as f:
+            what = {b"PK\x03\x04": "a truncated or damaged torch file", b"\x89HDF": "an HDF5 file"}.get(f.read(4))
+        raise ValueError(f"{path} is {what or 'not a torch checkpoint'} ({type(e).__name__}); {fix}.") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; {fix}.")
+    sd = ckpt.get("state_dict", ckpt)
+    if "config" not in ckpt and isinstance(sd, dict) and "policy_head.logits_layer.bias" in sd:  # LIBERO's
+        if libero:
+            return {"libero_state_dict": sd}
+        raise ValueError(f"{path} is LIBERO's checkpoint (no task embeddings); start a run from it: m2distill.py "
+                         f"--init-from {path}.")
+    lacks = [k for k, t in [("config", dict), ("state_dict", dict), ("task_embs", torch.Tensor), ("task", int)]
+             if not isinstance(ckpt.get(k), t)]
+    if lacks:
+        raise ValueError(f"{path} lacks {', '.join(lacks)} (or holds them of other types); {fix}.")
+    try:
+        with torch.device("meta"):
+            policy = ResNetT(**ckpt["config"])
+    except TypeError as e:
+        raise ValueError(f"{path}: its config does not build a ResNetT ({e}); {fix}.") from None
+    check_fits(policy, sd, path)
+    embs, k = ckpt["task_embs"], ckpt["task"]
+    if not (embs.shape[1:] == (policy.config["d_lang"],) and 0 <= k < len(embs)):
+        raise ValueError(f"{path}: task_embs {tuple(embs.shape)} and task {k} do not fit d_lang "
+                         f"{policy.config['d_lang']} (want (n_tasks, d_lang) and 0 <= task < n_tasks); {fix}.")
+    if ckpt.get("format", 1) < 2:  # keypoints were [columns, rows]: swap the two halves of the projection's inputs
+        for c in CAMERAS:
+            w = sd[f"image_encoders.{c}.proj.weight"]
+            sd[f"image_encoders.{c}.proj.weight"] = w.roll(w.shape[1] // 2, 1)
+    return ckpt
+
+
+def init_from(policy, path):
+    """Initialise `policy` (a ResNetT) from LIBERO's BCTransformerPolicy checkpoint (`load_libero_state_dict`) or from
+    one of ours (a task<k>.pt of the same config). The task-embedding size must match (LIBERO's: bert, 768).
+    Raises FileNotFoundError or ValueError, one line naming the file and the fix. Returns the policy."""
+    ckpt = read_checkpoint(path, next(policy.parameters()).device, libero=True,
+                           fix="pass LIBERO's BCTransformerPolicy checkpoint or a task<k>.pt of m2distill.py")
+    sd = ckpt.get("libero_state_dict")
+    lang = ckpt["task_embs"] if sd is None else sd.get("language_encoder.projection.0.weight", torch.zeros(0))
+    if lang.numel() and lang.shape[-1] != policy.config["d_lang"]:
+        raise ValueError(f"{path} takes {lang.shape[-1]}-d task embeddings, this run's are "
+                         f"{policy.config['d_lang']}-d; pass the --task-emb it was trained with (LIBERO's: bert, "
+                         "768-d, with bert-base-cased on disk).")
+    if sd is not None:
+        return load_libero_state_dict(policy, sd, path)
+    diff = [f"{k} {v} (this run: {policy.config[k]})" for k, v in ckpt["config"].items() if policy.config.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with {', '.join(diff)}; pass the same flags (e.g. --img-size).")
+    policy.load_state_dict(ckpt["state_dict"])
+    return policy

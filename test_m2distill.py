@@ -3,13 +3,16 @@
 Run: python -m pytest -q test_m2distill.py
 """
 import copy
+import errno
 import importlib.util
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
+import types
 
 import h5py
 import numpy as np
@@ -1063,3 +1066,245 @@ def test_download_hints_work_with_libero_downloader(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:  # argparse checks every value before it reaches --help
             download_utils._datasets_cli()
         assert e.value.code == 0, f"LIBERO's downloader rejects the {suite} hint: {capsys.readouterr().err}"
+
+
+# ----------------------------------------------------------------------------- LIBERO's weights; reading and writing checkpoints
+# (issue 12.1: LIBERO's BCTransformerPolicy weights compute LIBERO's outputs here; 12.3: GPU checkpoints on a CPU;
+#  11.5: bad checkpoint files, a deleted checkpoint, a full disk)
+def close(actual, expected, atol=1e-5, msg=None):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg)
+
+
+@pytest.fixture(scope="module")
+def libero():
+    """What LIBERO's own code computed from its weights (README of the fixtures folder): 44 MB, kept outside the repo,
+    in $M2DISTILL_FIXTURES or ../shared/fixtures next to the checkout."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    root = os.environ.get("M2DISTILL_FIXTURES") or os.path.join(os.path.dirname(repo), "shared", "fixtures")
+    path = os.path.join(root, "libero_bctransformer_64px.pt")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent: set M2DISTILL_FIXTURES to the folder holding libero_bctransformer_64px.pt")
+    return torch.load(path, weights_only=True)
+
+
+def libero_policy(libero):
+    return model.load_libero_state_dict(model.ResNetT(768, img_size=64), libero["libero_state_dict"])
+
+
+def test_libero_weights_compute_libero_outputs(libero):
+    policy, x, ref = libero_policy(libero).eval(), libero["inputs"], libero["eval"]
+    with torch.no_grad():
+        tokens, lat = policy.spatial_encode(x["obs"], x["task_emb"])
+        latent = policy.temporal_encode(tokens)
+        out = policy(x["obs"], x["task_emb"])
+    for c in data.CAMERAS:
+        close(lat[c], ref["image_embeddings"][c])
+    close(tokens, ref["spatial_tokens"])  # [task, joint, gripper, agentview, eye_in_hand]
+    close(latent, ref["temporal_latent"])
+    close(out["means"], ref["gmm_means"]), close(out["stds"], ref["gmm_stds"]), close(out["logits"], ref["gmm_logits"])
+    close(-model.gmm_log_prob(out["means"], out["stds"], out["logits"], x["actions"]), ref["nll"])
+    close(m2distill.loss_bc(out, x["actions"]), ref["nll_mean"])
+
+
+def test_libero_training_step_has_libero_loss_and_gradients(libero):
+    policy, x = libero_policy(libero).train(), libero["inputs"]
+    for m in policy.modules():  # LIBERO's step was recorded with every dropout (and stochastic depth) at 0
+        if isinstance(m, (torch.nn.Dropout, model.TransformerLayer)):
+            m.p = m.dropout = 0.0
+    loss = m2distill.loss_bc(policy(x["obs"], x["task_emb"]), x["actions"])  # augmentation off: raw pixels
+    loss.backward()
+    close(loss, torch.tensor(libero["train"]["loss"]), atol=1e-4)
+    grads, problems = model.rename_libero(libero["train"]["raw_grads"], policy)
+    assert not problems and sorted(grads) == sorted(n for n, _ in policy.named_parameters())
+    for n, p in policy.named_parameters():
+        close(p.grad, grads[n], atol=1e-4, msg=n)
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 100.0)
+    close(norm, torch.tensor(libero["train"]["total_norm"]), atol=1e-4)
+
+
+def test_libero_get_action_steps_follow_libero(libero):
+    policy, steps, ref = libero_policy(libero), libero["steps"], libero["get_action"]
+    seen = []  # what the GMM head receives (the newest step's latent) and returns, step by step
+    policy.head.register_forward_hook(lambda m, inp, out: seen.append((inp[0], *out)))
+    policy.reset()
+    for t in range(12):
+        a = policy.get_action({k: v[t] for k, v in steps["obs"].items()}, steps["task_emb"])
+        assert len(policy.queue) == ref["queue_len"][t] and a.shape == (1, 7) and np.abs(a).max() <= 1
+        close(policy.queue[-1][:, -1:], ref["tokens"][t])
+    for i, key in enumerate(["latent", "means", "stds", "logits"]):
+        close(torch.stack([s[i] for s in seen]), ref[key], msg=key)
+
+
+def test_libero_loader_names_every_key_that_does_not_fit(libero):
+    sd = dict(libero["libero_state_dict"])
+    sd["policy_head.extra_layer.weight"] = torch.zeros(1)  # unmatched
+    del sd["policy_head.logits_layer.bias"]  # missing (ResNetT: head.logits.bias)
+    sd["language_encoder.projection.0.bias"] = torch.zeros(3)  # mis-shaped
+    sd["extra_encoder.proprio_mlp.0.bias"] = sd["extra_encoder.proprio_mlp.0.bias"] + 1  # LIBERO's twin differs
+    with pytest.raises(ValueError) as e:
+        model.load_libero_state_dict(model.ResNetT(768, img_size=64), sd)
+    msg = str(e.value)
+    assert "\n" not in msg and all(s in msg for s in [
+        "unmatched policy_head.extra_layer.weight", "missing head.logits.bias",
+        "mis-shaped language_encoder.projection.0.bias (3,) (ResNetT: (64,))",
+        "extra_encoder.proprio_mlp.0.bias differs from its twin extra_encoder.encoders.1.0.bias"])
+    with pytest.raises(ValueError, match="pos_x .* 64 px images, this policy takes 128 px"):
+        model.load_libero_state_dict(model.ResNetT(768, img_size=128), libero["libero_state_dict"])
+
+
+class EasyDict(dict):
+    """Stands for the class of LIBERO's saved cfg (easydict.EasyDict): one torch's weights_only does not know."""
+
+
+def test_init_from_a_libero_checkpoint_or_one_of_ours(libero, suite_dir, tmp_path, monkeypatch):
+    path, x = str(tmp_path / "libero_task0.pth"), libero["inputs"]
+    cfg = EasyDict(policy={"embed_size": 64})
+    cfg.policy = cfg["policy"]
+    torch.save({"state_dict": libero["libero_state_dict"], "cfg": cfg, "previous_masks": None}, path)  # LIBERO's format
+    policy = model.init_from(model.ResNetT(768, img_size=64), path).eval()
+    with torch.no_grad():
+        close(policy(x["obs"], x["task_emb"])["means"], libero["eval"]["gmm_means"])
+    with pytest.raises(ValueError, match="takes 768-d task embeddings, this run's are 32-d; pass the --task-emb"):
+        model.init_from(model.ResNetT(32, img_size=64), path)
+    with pytest.raises(SystemExit, match="^--checkpoint .* is LIBERO's checkpoint .* --init-from"):
+        evaluate.main(["--checkpoint", path])
+    ours = str(tmp_path / "task0.pt")
+    m2distill.save_checkpoint(policy, torch.randn(10, 768), types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, ours)
+    again = model.init_from(model.ResNetT(768, img_size=64), ours)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in policy.state_dict().items())
+    with pytest.raises(ValueError, match="trained with img_size 64 .this run: 32.; pass the same flags"):
+        model.init_from(model.ResNetT(768, img_size=32), ours)
+    # The flag: the policy holds these weights when task 0 starts; a mismatch is one line before any training.
+    started = []
+
+    def learn_task(policy, *a):  # record the weights task 0 starts from, then stop the run
+        started.append(copy.deepcopy(policy.state_dict()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m2distill, "learn_task", learn_task)
+    with pytest.raises(SystemExit, match="^--init-from .*768-d task embeddings, this run's are 32-d"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "a", init_from=path))
+    small = str(tmp_path / "small.pt")
+    m2distill.save_checkpoint(model.ResNetT(32, img_size=32), torch.randn(10, 32),
+                              types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, small)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "b", init_from=small))
+    assert all(torch.equal(v, started[0][k]) for k, v in torch.load(small, weights_only=True)["state_dict"].items())
+
+
+@pytest.fixture(scope="module")
+def finished_run(suite_dir, tmp_path_factory):
+    """A finished two-task run (sequential, the cheapest), copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("finished")
+    m2distill.run(tiny_args(suite_dir, out, "sequential"))
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_run_trained_on_a_gpu_resumes_and_evaluates_on_a_cpu(finished_run, suite_dir, tmp_path):
+    out, cuda = copy_run(finished_run, tmp_path), [False]
+    torch.serialization.register_package(0, lambda storage: "cuda:0" if cuda[0] else None, lambda obj, loc: None)
+    for k in range(2):  # tag every tensor for cuda:0, as torch.save does on a GPU machine
+        ckpt = torch.load(out / f"task{k}.pt", weights_only=True)
+        cuda[0] = True
+        try:
+            torch.save(ckpt, out / f"task{k}.pt")
+        finally:
+            cuda[0] = False
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(out / "task1.pt", weights_only=True)
+    res = m2distill.run(tiny_args(suite_dir, out, "sequential"))  # resumes: task1.pt is read, nothing left to do
+    assert len(res["tasks"]) == 2
+    policy, embs, suite, learned = evaluate.load_policy(str(out / "task1.pt"))
+    assert learned == [0, 1] and next(policy.parameters()).device.type == "cpu"
+
+
+def test_a_deleted_or_damaged_checkpoint_stops_the_resume_with_one_line(finished_run, suite_dir, tmp_path,
+                                                                        monkeypatch):
+    out = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(m2distill, "train_step", lambda *a: pytest.fail("trained although the run cannot resume"))
+    results = (out / "results.json").read_text()
+    os.remove(out / "task1.pt")  # a finished run
+    with pytest.raises(SystemExit) as e:
+        m2distill.run(tiny_args(suite_dir, out, "sequential"))
+    assert str(e.value).startswith(f"{out / 'task1.pt'}: no such file") and "restore it" in str(e.value)
+    res = json.loads(results)  # a partly finished run (task 0 of 2), its task0.pt cut short
+    for key in m2distill.PER_TASK:
+        res[key] = res[key][:1]
+    (out / "results.json").write_text(json.dumps(res))
+    (out / "task0.pt").write_bytes((out / "task0.pt").read_bytes()[:5000])
+    with pytest.raises(SystemExit) as e:
+        m2distill.run(tiny_args(suite_dir, out, "sequential"))
+    msg = str(e.value)
+    assert msg.startswith(f"{out / 'task0.pt'} is a truncated or damaged torch file") and "\n" not in msg
+    assert json.loads((out / "results.json").read_text()) == res
+
+
+def test_evaluate_refuses_what_is_not_a_checkpoint_in_one_line(finished_run, tmp_path):
+    bad = {"text": tmp_path / "notes.txt", "hdf5": tmp_path / "task0_demo.hdf5", "truncated": tmp_path / "cut.pt",
+           "tensor": tmp_path / "tensor.pt", "empty dict": tmp_path / "empty.pt", "directory": finished_run,
+           "missing": tmp_path / "nope.pt"}
+    bad["text"].write_text("task0.pt\n")
+    data.write_synthetic_task(str(bad["hdf5"]), "pick it up", n_demos=1, length=4, img_size=8)
+    bad["truncated"].write_bytes((finished_run / "task0.pt").read_bytes()[:100_000])
+    torch.save(torch.ones(3), bad["tensor"])
+    torch.save({}, bad["empty dict"])
+    expect = {"text": "is not a torch checkpoint", "hdf5": "is an HDF5 file", "truncated": "is a truncated or damaged",
+              "tensor": "holds a Tensor, not a checkpoint", "empty dict": "lacks config, state_dict, task_embs, task",
+              "directory": "is a directory; .* \\(task0.pt, task1.pt\\)", "missing": ": no such file"}
+    for kind, path in bad.items():
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(path)])
+        msg = str(e.value)
+        assert msg.startswith(f"--checkpoint {path}") and "\n" not in msg, kind
+        assert re.search(expect[kind], msg) and "task<k>.pt" in msg, (kind, msg)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_loses_nothing_and_the_rerun_stops_before_training(
+        suite_dir, tmp_path, monkeypatch):
+    args, save = tiny_args(suite_dir, tmp_path, "sequential"), torch.save
+
+    def disk_fills(obj, f, *a, **kw):  # what torch's zip writer raises when the disk fills under task1.pt
+        if str(f).endswith("task1.pt.tmp"):
+            open(f, "wb").write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4288 vs 4276")
+        return save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", disk_fills)
+    with pytest.raises(SystemExit) as e:
+        m2distill.run(args)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'task1.pt'}: writing failed") and "MB free" in msg
+    assert "\n" not in msg and sorted(os.listdir(tmp_path)) == ["progress.pt", "results.json", "task0.pt"]  # no .tmp
+    assert len(json.load(open(tmp_path / "results.json"))["tasks"]) == 1  # task 0 kept
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=2**20))  # still full: 1 MB
+    monkeypatch.setattr(m2distill, "train_step", lambda *a: pytest.fail("trained although the disk is full"))
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path}: 1 MB free on its disk, a checkpoint needs [0-9]+ MB"):
+        m2distill.run(args)
+
+    def no_space(obj, f, *a, **kw):  # the other error a full disk gives: OSError ENOSPC from the file write
+        open(f, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit, match="No space left on device.*1 MB free"):
+        m2distill.save_checkpoint(model.ResNetT(32), torch.zeros(10, 32), args, 0, str(tmp_path / "x.pt"))
+    assert not os.path.exists(tmp_path / "x.pt.tmp")
+
+
+def test_a_checkpoint_from_before_the_libero_keypoint_order_keeps_its_function(tmp_path):
+    policy = model.ResNetT(32, img_size=32).eval()
+    for enc in policy.image_encoders.values():
+        enc.pos = enc.pos.flip(0)  # the order before format 2: [columns, rows]
+    obs, emb, path = fake_obs(B=1, T=3), torch.randn(1, 32), str(tmp_path / "task0.pt")
+    torch.save({"config": policy.config, "state_dict": policy.state_dict(), "task_embs": torch.randn(10, 32),
+                "suite": SUITE, "task": 0, "algo": "er"}, path)  # no "format"
+    loaded, *_ = evaluate.load_policy(path)
+    with torch.no_grad():
+        close(loaded(obs, emb)["means"], policy(obs, emb)["means"])
