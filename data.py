@@ -231,6 +231,15 @@ def resize_images(x, size):
 
 
 # ----------------------------------------------------------------------------- sequences
+def noop_steps(actions, eps=1e-4):
+    """(T,) bool, the steps of one demo's actions (T, 7) that do nothing: no arm motion (||a[:6]|| < eps)
+    and the gripper command of the step before (the first step: no arm motion). OpenVLA's is_noop in
+    experiments/robot/libero/regenerate_libero_dataset.py."""
+    still = np.linalg.norm(actions[:, :6], axis=1) < eps
+    same_grip = np.r_[True, actions[1:, 6] == actions[:-1, 6]]
+    return still & same_grip
+
+
 class SequenceDataset:
     """All demonstrations of one task, in memory, one training sequence per (demo, start step).
 
@@ -244,21 +253,24 @@ class SequenceDataset:
         self.demo_end = demo_end  # (N,) index of the last frame of the demo each frame belongs to
 
     @classmethod
-    def from_hdf5(cls, path, task_id, seq_len=10, demos=slice(None), img_size=128):
+    def from_hdf5(cls, path, task_id, seq_len=10, demos=slice(None), img_size=128, drop_noops=False):
         """The demos `demos` of one task file: a list of demo names, or a slice of all its demos in numeric
         order. Reads only TRAIN_KEYS, checked first (check_demos); images area-resized to `img_size`.
-        The task's language comes from LIBERO's benchmark, never from the file. Raises as check_task_file."""
+        The task's language comes from LIBERO's benchmark, never from the file. With `drop_noops`, the
+        steps `noop_steps` finds are left out (as OpenVLA's regenerated LIBERO data does). Raises as
+        check_task_file."""
         with open_task_file(path) as f:
             names = demo_names(f, path)
             demos = names[demos] if isinstance(demos, slice) else list(demos)
             check_demos(f, path, demos, img_size)
-            lengths = torch.tensor([len(f[f"data/{d}/actions"]) for d in demos])
+            keep = [~noop_steps(f[f"data/{d}/actions"][()]) if drop_noops else slice(None) for d in demos]
+            lengths = torch.tensor([len(f[f"data/{d}/actions"][()][m]) for d, m in zip(demos, keep)])
             ends = torch.cumsum(lengths, 0).tolist()
 
             def read(key, fn):  # demo by demo into one preallocated array: no full-size transient copy
                 out = None
-                for d, n, end in zip(demos, lengths.tolist(), ends):
-                    x = fn(f[f"data/{d}/{key}"][()])
+                for d, m, n, end in zip(demos, keep, lengths.tolist(), ends):
+                    x = fn(f[f"data/{d}/{key}"][()][m])
                     out = np.empty((ends[-1], *x.shape[1:]), x.dtype) if out is None else out
                     out[end - n:end] = x
                 return torch.from_numpy(out)

@@ -230,7 +230,7 @@ def resume_state(args, j):
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
              "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
-             "init_from")
+             "init_from", "drop_noops")
 
 
 PER_TASK = ("tasks", "task_ids", "success", "curves", "fwt_k", "nll", "demos")  # results.json lists, one entry per task
@@ -300,8 +300,8 @@ def load_task_data(args, bench, k):
     """Task k's training and held-out demos (data.check_task_file's split; val None when none are held out)."""
     path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
     split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
-    train = data.SequenceDataset.from_hdf5(path, k, args.seq_len, split["train"], args.img_size)
-    val = data.SequenceDataset.from_hdf5(path, k, args.seq_len, split["val"], args.img_size) if split["val"] else None
+    read = lambda demos: data.SequenceDataset.from_hdf5(path, k, args.seq_len, demos, args.img_size, args.drop_noops)
+    train, val = read(split["train"]), read(split["val"]) if split["val"] else None
     return train, val
 
 
@@ -538,6 +538,8 @@ def parse_args(argv=None):
     a("--kl-direction", default="forward", choices=["forward", "reverse"], help="KL(old||new) or KL(new||old)")
     a("--kl-timesteps", default="all", choices=["all", "last"], help="steps of each sequence L_policy covers")
     a("--task-emb", default="minilm", choices=["minilm", "bert", "onehot", "hash"])
+    a("--drop-noops", action="store_true", help="train without the demos' no-op steps (no arm motion, gripper "
+      "command unchanged), as OpenVLA's regenerated LIBERO data")
     a("--init-from", metavar="PATH", help="start task 0 from these weights: LIBERO's BCTransformerPolicy checkpoint "
                                           "(its task embedding: --task-emb bert) or a task<k>.pt of m2distill.py")
     args = p.parse_args(argv)

@@ -487,6 +487,27 @@ def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path
     assert open(tmp_path / "success.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_drop_noops_leaves_out_the_steps_that_do_nothing(tmp_path):
+    a = np.zeros((6, 7))
+    a[:, 6] = [-1, -1, -1, 1, 1, -1]  # steps 0-2 still and open, 3 closes, 4 holds, 5 opens
+    a[1, 0] = 0.5  # step 1 moves the arm
+    assert data.noop_steps(a).tolist() == [True, False, True, False, True, False]  # OpenVLA's is_noop
+    path = str(tmp_path / "t.hdf5")
+    data.write_synthetic_task(path, "x", n_demos=2, length=12, img_size=32, seed=0)
+    with h5py.File(path, "r+") as f:  # demo_0: its steps 2..5 become no-ops
+        acts = f["data/demo_0/actions"][()]
+        acts[2:6, :6], acts[2:6, 6] = 0.0, acts[1, 6]
+        f["data/demo_0/actions"][...] = acts
+        joints = f["data/demo_0/obs/joint_states"][()]
+    full = data.SequenceDataset.from_hdf5(path, 0, 10, slice(None), 32)
+    cut = data.SequenceDataset.from_hdf5(path, 0, 10, slice(None), 32, drop_noops=True)
+    assert len(cut) == len(full) - 4
+    keep = np.r_[0:2, 6:len(acts)]
+    np.testing.assert_allclose(cut.actions[:len(keep)].numpy(), acts[keep].astype(np.float32))
+    np.testing.assert_allclose(cut.obs["joint_states"][:len(keep)].numpy(), joints[keep].astype(np.float32))
+    assert int(cut.demo_end[0]) == len(keep) - 1  # sequences still stop at their own demo's end
+
+
 def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tmp_path, capsys):
     def write(name, algo, seed, auc, row1, lam=1.0):
         res = {"run": {"algo": algo, "seed": seed, "lambda_policy": lam, "n_eval": 10},
