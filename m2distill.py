@@ -182,7 +182,8 @@ def save_checkpoint(policy, task_embs, args, k, path):
 
 RUN_FLAGS = ("suite", "algo", "n_tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
-             "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip")
+             "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
+             "low_eval_noise")
 
 
 def load_results(args):
@@ -190,7 +191,8 @@ def load_results(args):
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
     if not os.path.exists(path):
-        return {"run": run, "tasks": [], "success": [], "curves": [], "fwt_k": [], "nll": [], "seconds": {}}
+        return {"run": run, "tasks": [], "success": [], "episodes": [], "curves": [], "curve_episodes": [],
+                "fwt_k": [], "nll": [], "seconds": {}}
     res = json.load(open(path))
     diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
     if diff:
@@ -234,11 +236,12 @@ def ensure_data(args, bench):
 
 def learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res):
     """LIBERO's learn_one_task: fresh AdamW + cosine schedule, epochs 1..E, rollouts of the current
-    task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one) loaded at the end."""
+    task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one) loaded at the end.
+    Returns the success curve, FWT_k and the episodes each point of the curve is made of."""
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=1e-5)
     g = torch.Generator().manual_seed(args.seed * 1000 + k)
-    curve, best, best_state = [], -1.0, None
+    curve, curve_episodes, best, best_state = [], [], -1.0, None
     for epoch in range(args.epochs + 1):
         if epoch > 0:
             t0 = time.time()
@@ -251,16 +254,17 @@ def learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res):
             sched.step()
             res["seconds"]["train"] = res["seconds"].get("train", 0) + time.time() - t0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            success = evaluate(policy, [k])[k]
+            success, episodes = evaluate(policy, [k])[k]
             curve.append(success)
-            tqdm.write(f"task {k} epoch {epoch}: success {success}")
+            curve_episodes.append(episodes)
+            tqdm.write(f"task {k} epoch {epoch}: success {success}" + (f" ({episodes} episodes)" if episodes else ""))
             if success is None or success >= best:
                 best, best_state = (success or 0.0), copy.deepcopy(policy.state_dict())
                 best_idx = len(curve) - 1
     policy.load_state_dict(best_state)
     held = [c if i < best_idx else curve[best_idx] for i, c in enumerate(curve)]  # held at its best
     fwt_k = None if curve[0] is None else float(np.mean(held))
-    return curve, fwt_k
+    return curve, fwt_k, curve_episodes
 
 
 def run(args, evaluate=None):
@@ -275,17 +279,26 @@ def run(args, evaluate=None):
     ensure_data(args, bench)
     res = load_results(args)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
+    if res["tasks"]:
+        print(f"--out {args.out} holds {len(res['tasks'])} finished task(s) of {args.n_tasks}: "
+              + ", ".join(res["tasks"]) + ("; nothing left to do." if len(res["tasks"]) >= args.n_tasks
+                                           else "; resuming with the next one."), flush=True)
+        if len(res["tasks"]) >= args.n_tasks:
+            return res
     languages = [bench.get_task(i).language for i in range(bench.get_num_tasks())]
     task_embs = data.task_embeddings(languages, args.task_emb, cache_dir=os.path.join(args.data_dir, ".cache"))
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
         evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
-                                       os.path.join(args.out, "videos") if args.videos else None)
+                                       os.path.join(args.out, "videos") if args.videos else None,
+                                       seed=args.seed, low_eval_noise=args.low_eval_noise)
         evaluate = lambda policy, ids: evaluator(policy, ids, task_embs)
     elif evaluate is None:
-        evaluate = lambda policy, ids: {i: None for i in ids}  # --n-eval 0: success is not measured
+        evaluate = lambda policy, ids: {i: (None, 0) for i in ids}  # --n-eval 0: success is not measured
     try:
+        if evaluator is not None:
+            evaluator.check()  # the simulator renders: checked before any training
         return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
     finally:
         if evaluator is not None:
@@ -293,7 +306,8 @@ def run(args, evaluate=None):
 
 
 def timed(evaluate, res):
-    """The evaluation hook, its seconds added to res["seconds"]["eval"]."""
+    """The evaluation hook, its seconds added to res["seconds"]["eval"]. evaluate(policy, task_ids) ->
+    {task_id: (success rate or None if not measured, episodes it is made of)} (evaluate.Evaluator)."""
     def hook(policy, ids):
         t0 = time.time()
         out = evaluate(policy, ids)
@@ -318,20 +332,24 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
                 policy.load_state_dict(torch.load(os.path.join(args.out, f"task{k}.pt"))["state_dict"])
         else:
             tqdm.write(f"== task {k}: {bench.get_task(k).language} ({len(train)} sequences)")
-            curve, fwt_k = learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res)
+            curve, fwt_k, curve_episodes = learn_task(policy, old, train, memory, task_embs, args, k, evaluate, res)
             row = evaluate(policy, list(range(k + 1)))
-            res["success"].append([row[i] for i in range(k + 1)])
+            res["success"].append([row[i][0] for i in range(k + 1)])
+            res["episodes"].append([row[i][1] for i in range(k + 1)])
             res["curves"].append(curve)
+            res["curve_episodes"].append(curve_episodes)
             res["fwt_k"].append(fwt_k)
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
             if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
                 res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
                 rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
-                                             f"{args.suite} {args.algo} seed {args.seed}")
+                                             f"{args.suite} {args.algo} seed {args.seed}", episodes=res["episodes"])
             save_checkpoint(policy, task_embs, args, k, os.path.join(args.out, f"task{k}.pt"))
             save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
-            tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}")
+            tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}\n"
+                       f"   wrote {os.path.join(args.out, f'task{k}.pt')}, {os.path.join(args.out, 'results.json')}"
+                       + (f", {os.path.join(args.out, 'success.png')}" if "metrics" in res else ""))
         if memory is not None:
             memory.add(train)
         if args.algo == "m2distill":  # M2Distill: the diff on ER, a frozen pi_old for the next task
@@ -363,6 +381,8 @@ def parse_args(argv=None):
     a("--max-steps", type=int, help="steps per episode")
     a("--eval-workers", type=int, default=os.cpu_count(), help="parallel simulator processes")
     a("--videos", action="store_true", help="write an MP4 of every rollout to <out>/videos")
+    a("--low-eval-noise", action="store_true",
+      help="LIBERO's GMMHead option: rollouts act with the drawn mode's mean (min std), not a full sample")
     a("--n-memories", type=int, default=1000, help="ER: sequences kept per past task")
     a("--replay", default="on", choices=["on", "off"], help="M2Distill/ER: mix replayed sequences into batches")
     a("--lambda-image", type=float, default=1.0, help="weight of L_image (0 switches it off)")
@@ -389,7 +409,10 @@ def main(argv=None):
     args = parse_args(argv)
     res = run(args)
     print(json.dumps({k: res.get(k) for k in ("success", "fwt_k", "nll", "metrics")}))
+    png = os.path.join(args.out, "success.png")
+    print(f"Results: {os.path.join(args.out, 'results.json')}; checkpoints: {os.path.join(args.out, 'task<k>.pt')}"
+          f" (k = 0..{len(res['tasks']) - 1})" + (f"; success matrix: {png}" if os.path.exists(png) else "") + ".")
 
 
 if __name__ == "__main__":
-    main()
+    rollouts.cli(main)
