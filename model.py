@@ -49,11 +49,15 @@ def gmm_sample(means, stds, logits, n, generator=None):
 
 
 class GMMHead(nn.Module):
-    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits."""
+    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits.
 
-    def __init__(self, d_in=64, hidden=1024, modes=5, d_act=ACTION_DIM, min_std=1e-4):
+    `low_eval_noise` (LIBERO's GMMHead option, off by default; libero/lifelong/models/policy_head.py):
+    in eval mode every mode's std is the minimum std (1e-4), so a sample is the mean of the mode drawn
+    from the mixture weights. Training is unaffected."""
+
+    def __init__(self, d_in=64, hidden=1024, modes=5, d_act=ACTION_DIM, min_std=1e-4, low_eval_noise=False):
         super().__init__()
-        self.modes, self.d_act, self.min_std = modes, d_act, min_std
+        self.modes, self.d_act, self.min_std, self.low_eval_noise = modes, d_act, min_std, low_eval_noise
         self.share = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                    nn.Linear(hidden, hidden))
         self.mean, self.std = nn.Linear(hidden, d_act * modes), nn.Linear(hidden, d_act * modes)
@@ -63,6 +67,8 @@ class GMMHead(nn.Module):
         h = self.share(x)
         means = torch.tanh(self.mean(h)).unflatten(-1, (self.modes, self.d_act))  # (..., M, D)
         stds = (F.softplus(self.std(h)) + self.min_std).unflatten(-1, (self.modes, self.d_act))  # (..., M, D)
+        if self.low_eval_noise and not self.training:
+            stds = torch.full_like(means, self.min_std)
         return means, stds, self.logits(h)  # logits (..., M)
 
 

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_m2distill.py
 """
 import copy
 import errno
+import functools
 import importlib.util
 import json
 import os
@@ -337,7 +338,7 @@ def scripted_rollouts(calls=None):
         if calls is not None:
             calls.append(list(ids))
         w = sum(p.double().sum().item() for p in policy.parameters())
-        return {i: round((w * (i + 1)) % 1, 4) for i in ids}
+        return {i: (round((w * (i + 1)) % 1, 4), 10) for i in ids}
     return rollouts
 
 
@@ -473,12 +474,13 @@ def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path
 
     def fake_rollouts(policy, ids):
         states.append(copy.deepcopy(policy.state_dict()))
-        return {i: next(scores) for i in ids}
+        return {i: (next(scores), 2) for i in ids}
 
     res = m2distill.run(tiny_args(suite_dir, tmp_path, epochs=2, eval_every=1), evaluate=fake_rollouts)
     assert res["curves"] == [[0.0, 0.5, 0.25], [0.0, 0.5, 0.25]]
     assert res["fwt_k"] == [pytest.approx(1 / 3)] * 2  # (0 + .5 + .5) / 3, held at the best
     assert res["success"] == [[0.5], [0.4, 0.3]]
+    assert res["episodes"] == [[2], [2, 2]] and res["curve_episodes"] == [[2, 2, 2], [2, 2, 2]]
     kept = torch.load(tmp_path / "task0.pt")["state_dict"]
     assert all(torch.equal(v, states[1][k]) for k, v in kept.items())  # epoch 1, not the last epoch
     assert res["metrics"] == evaluate.lifelong_metrics(res["success"], res["fwt_k"])
@@ -535,23 +537,38 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
 
 
 class FakeEnv:
-    """A stand-in simulator for the worker tests: init state 1 crashes its process once, 2 hangs."""
+    """A stand-in simulator for the worker tests. With M2D_CRASH_MARKER set, init state 1 crashes its process
+    once and 2 hangs. `fail` breaks it as a broken machine does: "init", the constructor raises; "render",
+    set_init_state raises (a renderer that cannot draw); "later", steps from init states other than 0 raise
+    (the up-front check passes, then episodes cannot run). With `record` (a folder), an episode succeeds when
+    the policy's first action dimension exceeds 0.5, and its actions are saved as <record>/<init state>.npy."""
 
-    def __init__(self):
-        self.t = 0
+    def __init__(self, fail=None, record=None):
+        if fail == "init":
+            raise RuntimeError("eglInitialize: EGL_NOT_INITIALIZED")
+        self.t, self.s, self.fail, self.record, self.actions = 0, None, fail, record, []
 
     def set_init_state(self, s):
-        marker = os.environ["M2D_CRASH_MARKER"]
-        if s == 1 and not os.path.exists(marker):
+        if self.fail == "render":
+            raise RuntimeError("eglMakeCurrent: EGL_BAD_DISPLAY")
+        marker = os.environ.get("M2D_CRASH_MARKER")
+        if marker and s == 1 and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(3)
-        if s == 2:
+        if marker and s == 2:
             time.sleep(3600)
+        self.s, self.actions = s, []
         return self.obs()
 
     def step(self, action):
+        if self.fail == "later" and self.s != 0:
+            raise RuntimeError("MuJoCo step failed")
         self.t += 1
-        return self.obs(), 0.0, self.t >= evaluate.N_SETTLE + 3, {}
+        if self.record is None:
+            return self.obs(), 0.0, self.t >= evaluate.N_SETTLE + 3, {}
+        self.actions.append(np.asarray(action))
+        np.save(os.path.join(self.record, f"{self.s}.npy"), np.stack(self.actions))
+        return self.obs(), 0.0, bool(action[0] > 0.5), {}
 
     def obs(self):
         img = np.zeros((32, 32, 3), np.uint8)
@@ -565,8 +582,8 @@ class FakeEnv:
         pass
 
 
-def fake_env_fn(suite, task):
-    return FakeEnv(), np.arange(4)
+def fake_env_fn(suite, task, n_init=4, **kw):
+    return FakeEnv(**kw), np.arange(n_init)
 
 
 def test_a_crashed_or_hung_worker_is_restarted_and_the_run_finishes(tmp_path, monkeypatch):
@@ -576,7 +593,9 @@ def test_a_crashed_or_hung_worker_is_restarted_and_the_run_finishes(tmp_path, mo
         rates = ev(model.ResNetT(d_lang=8, img_size=32), [0], torch.randn(1, 8))
     finally:
         ev.close()
-    assert rates == {0: 0.75}  # episode 1 crashed once and succeeded on retry; episode 2 hung twice
+    # episode 1 crashed once and succeeded on retry; episode 2 hung twice: it could not run, so it is left
+    # out of the cell (3 episodes), not counted as a failure
+    assert rates == {0: (1.0, 3)}
     assert len(ev.errors) == 3 and sum("died" in e for e in ev.errors) == 1
     assert sum("hung" in e for e in ev.errors) == 2
 
@@ -1329,3 +1348,249 @@ def test_a_checkpoint_from_before_the_libero_keypoint_order_keeps_its_function(t
     loaded, *_ = evaluate.load_policy(path)
     with torch.no_grad():
         close(loaded(obs, emb)["means"], policy(obs, emb)["means"])
+
+
+# ----------------------------------------------------------------------------- rollouts (issue 11: 1, 4, 6, 7;
+# issue 13: --low-eval-noise): a broken machine is never a failed policy, reproducible episodes, workers that
+# end with their parent, what a person sees
+def test_a_broken_renderer_stops_the_run_before_training_and_writes_nothing(suite_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "make_env", functools.partial(fake_env_fn, fail="init"))
+    learned = []
+    monkeypatch.setattr(m2distill, "learn_task", lambda *a: learned.append(a[6]))
+    with pytest.raises(evaluate.EnvError) as e:
+        m2distill.run(tiny_args(suite_dir, tmp_path, n_eval=2, eval_workers=1))
+    msg = str(e.value)
+    assert "cannot start or render" in msg and "MUJOCO_GL=egl" in msg and "EGL_NOT_INITIALIZED" in msg
+    assert "Fix: install the EGL libraries" in msg and "\n" not in msg
+    assert learned == [] and not os.path.exists(tmp_path / "results.json") and not os.path.exists(tmp_path / "task0.pt")
+
+
+def test_an_env_whose_render_fails_gives_no_number_and_names_the_fix(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    ev = evaluate.Evaluator(SUITE, n_eval=2, max_steps=5, workers=2, env_fn=functools.partial(fake_env_fn, fail="render"))
+    try:
+        with pytest.raises(evaluate.EnvError, match=r"MUJOCO_GL=osmesa\): RuntimeError: eglMakeCurrent.*apt-get install"):
+            ev(model.ResNetT(d_lang=8, img_size=32), [0], torch.randn(1, 8))
+    finally:
+        ev.close()
+    assert ev.episodes == []
+
+
+def test_a_worker_that_keeps_failing_stops_the_evaluation_instead_of_scoring_zero():
+    ev = evaluate.Evaluator(SUITE, n_eval=4, max_steps=5, workers=2, env_fn=functools.partial(fake_env_fn, fail="later"))
+    try:  # the up-front check passes (init state 0); every episode from init states 1-3 raises in env.step
+        with pytest.raises(evaluate.EnvError, match=r"3 tries in a row could not run.*MuJoCo step failed"):
+            ev(model.ResNetT(d_lang=8, img_size=32), [0], torch.randn(1, 8))
+    finally:
+        ev.close()
+    assert len(ev.errors) == evaluate.STOP_AFTER and all(e[2] for e in ev.episodes)  # no failure was recorded
+
+
+def test_rollouts_are_seeded_per_episode_whatever_the_workers_and_low_eval_noise_acts_with_a_modes_mean(tmp_path):
+    """Episode i of task t is seeded by (seed, t, i): 1 and 2 workers, and a second evaluation, give the same
+    actions and outcomes. With --low-eval-noise (LIBERO's GMMHead option) the first action is the mean of one
+    mode of the mixture (std 1e-4), while by default it is a full sample, far from every mode's mean."""
+    policy, embs = model.ResNetT(d_lang=8, img_size=32), torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+
+    def rollouts(workers, calls=1, **kw):
+        out = []
+        ev = evaluate.Evaluator(SUITE, n_eval=6, max_steps=3, workers=workers, seed=7,
+                                env_fn=functools.partial(fake_env_fn, n_init=6, record=str(tmp_path)), **kw)
+        try:
+            for _ in range(calls):
+                rates = ev(policy, [0], embs)
+                outcomes = sorted(e[:4] for e in ev.episodes)
+                ev.episodes.clear()
+                out.append((rates, outcomes, {s: np.load(tmp_path / f"{s}.npy") for s in range(6)}))
+        finally:
+            ev.close()
+        return out
+
+    (r1, o1, a1), (r1b, o1b, a1b) = rollouts(1, calls=2)
+    [(r2, o2, a2)] = rollouts(2)
+    assert 0 < r1[0][0] < 1 and r1[0][1] == 6  # some episodes succeed and some fail: outcomes follow the actions
+    assert r1 == r1b == r2 and o1 == o1b == o2
+    for s in range(6):
+        np.testing.assert_array_equal(a1[s], a1b[s])
+        np.testing.assert_array_equal(a1[s], a2[s])
+    assert not np.array_equal(a1[0], a1[1])  # episodes differ from each other
+    [(_, _, low)] = rollouts(1, low_eval_noise=True)
+    obs = evaluate.policy_obs(FakeEnv().obs(), 32)
+    with torch.no_grad():
+        means = policy.eval()({k: v[:, None] for k, v in obs.items()}, embs)["means"][0, 0].clamp(-1, 1).numpy()
+    first = lambda a: a[evaluate.N_SETTLE]  # the policy's first action, after the settle steps
+    for s in range(6):
+        assert np.abs(means - first(low[s])).max(1).min() < 1e-3  # one mode's mean, up to the min std
+        assert np.abs(means - first(a1[s])).max(1).min() > 1e-2  # LIBERO's default: a full sample
+
+
+def test_low_eval_noise_samples_the_drawn_mode_at_min_std_in_eval_only():
+    policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(B=1, T=1), torch.randn(1, 32)
+    policy.head.low_eval_noise = True
+    with torch.no_grad():
+        out = policy.eval()(obs, emb)
+        assert torch.equal(out["stds"], torch.full_like(out["stds"], policy.head.min_std))
+        assert (policy.train()(obs, emb)["stds"] > 1e-3).all()  # training is unaffected
+    step = {k: v[:, 0] for k, v in obs.items()}
+    for seed in range(5):
+        torch.manual_seed(seed)
+        policy.reset()
+        a = policy.get_action(step, emb)[0]
+        assert np.abs(out["means"][0, 0].clamp(-1, 1).numpy() - a).max(1).min() < 1e-3
+    args = m2distill.parse_args(["--low-eval-noise"])
+    assert args.low_eval_noise and "low_eval_noise" in m2distill.RUN_FLAGS
+
+
+SLOW_EVAL = """
+import os, sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+import evaluate
+
+
+class SlowEnv:
+    def reset(self):
+        pass
+
+    def set_init_state(self, s):
+        return self.obs()
+
+    def step(self, action):
+        time.sleep(0.2)
+        return self.obs(), 0.0, False, {{}}
+
+    def obs(self):
+        img = np.zeros((32, 32, 3), np.uint8)
+        return {{"agentview_image": img, "robot0_eye_in_hand_image": img, "robot0_joint_pos": np.zeros(7),
+                "robot0_gripper_qpos": np.zeros(2)}}
+
+    def close(self):
+        pass
+
+
+def env_fn(suite, task):
+    open(os.path.join({pids!r}, str(os.getpid())), "w").close()
+    return SlowEnv(), np.arange(8)
+
+
+def main():
+    import model, torch
+    ev = evaluate.Evaluator("libero_object", n_eval=8, max_steps=10 ** 6, workers=2, env_fn=env_fn)
+    try:
+        ev(model.ResNetT(d_lang=8, img_size=32), [0], torch.randn(1, 8))
+    finally:
+        ev.close()
+
+
+if __name__ == "__main__":
+    evaluate.cli(main)
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_workers_end_with_their_parent_and_ctrl_c_returns_quietly(tmp_path, sig):
+    """A main process running an Evaluator with 2 workers mid-episode is killed (SIGKILL, SIGTERM), or gets
+    Ctrl-C (SIGINT to its process group): the workers are gone within 10 s; Ctrl-C exits 130 with one line."""
+    import signal
+    import subprocess
+    import sys
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "slow_eval.py"
+    script.write_text(SLOW_EVAL.format(repo=os.path.dirname(os.path.abspath(__file__)), pids=str(pids)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(os.listdir(pids)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        workers = [int(p) for p in os.listdir(pids)]
+        assert len(workers) == 2, proc.communicate(timeout=10)
+        time.sleep(1.0)  # both in an episode
+        os.killpg(proc.pid, getattr(signal, sig)) if sig == "SIGINT" else proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=30)
+        deadline = time.time() + 10
+        while any(_running(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(p) for p in workers)
+        if sig == "SIGINT":
+            assert proc.returncode == 130 and "Traceback" not in err and "Interrupted (Ctrl-C)" in err, err
+            assert len(err.strip().splitlines()) == 1, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in workers if "workers" in locals() else []:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_user_facing_errors_are_short_lines_without_traceback(capsys):
+    long = "--data-dir " + "x" * 30 + ": " + " ".join(["the file is not what it should be"] * 8) + "."
+
+    def fails(exc):
+        def main():
+            raise exc
+        return main
+    for exc in (SystemExit(long), evaluate.EnvError(long)):
+        with pytest.raises(SystemExit) as e:
+            evaluate.cli(fails(exc))
+        assert e.value.code == 1
+        err = capsys.readouterr().err
+        assert err.split() == long.split() and all(len(line) <= 100 for line in err.splitlines())
+        assert len(err.splitlines()) > 1 and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(fails(KeyboardInterrupt()))
+    assert e.value.code == 130 and "Interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("K", [1, 3, 10])
+def test_success_matrix_png_is_not_cut_off(tmp_path, K):
+    import matplotlib.image
+    conf = [[0.5] * (k + 1) for k in range(K)]
+    path = str(tmp_path / "m.png")
+    evaluate.plot_success_matrix(conf, evaluate.lifelong_metrics(conf, [0.5] * K), path,
+                                 "libero_object m2distill seed 10000", episodes=[[20] * (k + 1) for k in range(K)])
+    img = matplotlib.image.imread(path)[..., :3]
+    border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3),
+                             img[:, -3:].reshape(-1, 3)])
+    assert border.min() > 0.99  # nothing drawn touches the edge: no clipped title, label or tick
+    assert min(img.shape[:2]) >= 300
+
+
+def test_the_run_says_where_it_wrote_and_what_a_rerun_has_left(suite_dir, tmp_path, monkeypatch, capsys):
+    argv = ["--suite", SUITE, "--data-dir", suite_dir, "--out", str(tmp_path), "--n-tasks", "2", "--epochs", "1",
+            "--batch-size", "8", "--n-demos", "2", "--val-demos", "1", "--img-size", "32", "--n-eval", "0",
+            "--task-emb", "hash", "--device", "cpu"]
+    learn, calls = m2distill.learn_task, []
+
+    def task_1_interrupted(*a):  # task 0 is learnt; the run is stopped in task 1
+        calls.append(a[6])
+        if a[6] == 1:
+            raise KeyboardInterrupt
+        return learn(*a)
+
+    monkeypatch.setattr(m2distill, "learn_task", task_1_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.main(argv)
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'task0.pt'}, {tmp_path / 'results.json'}" in out
+    name0 = data.suite_benchmark(SUITE).get_task(0).name
+    monkeypatch.setattr(m2distill, "learn_task", lambda *a: (calls.append(a[6]), ([None], None, [0]))[1])
+    m2distill.main(argv)
+    out = capsys.readouterr().out
+    assert f"--out {tmp_path} holds 1 finished task(s) of 2: {name0}; resuming with the next one." in out
+    assert f"Results: {tmp_path / 'results.json'}; checkpoints: {tmp_path / 'task<k>.pt'} (k = 0..1)." in out
+    m2distill.main(argv)
+    out = capsys.readouterr().out
+    assert "holds 2 finished task(s) of 2" in out and "nothing left to do" in out and calls == [0, 1, 1]
+    assert json.load(open(tmp_path / "results.json"))["episodes"] == [[0], [0, 0]]
