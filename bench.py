@@ -8,9 +8,10 @@ a. runs LIBERO's unmodified policy code from a checkout outside this repository 
    `libero/lifelong`; SITE holds what that code imports and we do not: robomimic==0.2.0, einops,
    torchvision), with the config of its bc_transformer_policy.yaml, the same batch and threads.
    Steps of the two policies alternate, so both see the same load on the machine.
-(Rollout speed, bare simulator vs workers: `python evaluate.py --bench`.)
+(Rollout speed, bare simulator vs workers: `python evaluate.py --bench`, rollout_speed below.)
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -22,7 +23,7 @@ import torch
 
 import data
 import m2distill
-from model import ResNetT
+from model import ResNetT, fold_batchnorm
 
 
 def fake_batch(B, T, img, d_lang, seed=0):
@@ -182,6 +183,67 @@ def time_split(path):
     for k in ("collect", "data", "train", "eval"):
         print(f"| {k} | {s.get(k, 0) / 60:.1f} | {s.get(k, 0) / total:.0%} |")
     print(f"| total | {total / 60:.1f} | |")
+
+
+class TimedPolicy:
+    """A policy that also counts the seconds spent in its get_action."""
+
+    def __init__(self, policy):
+        self.policy, self.seconds = policy, 0.0
+
+    def reset(self):
+        self.policy.reset()
+
+    def get_action(self, obs, task_emb):
+        t0 = time.time()
+        action = self.policy.get_action(obs, task_emb)
+        self.seconds += time.time() - t0
+        return action
+
+
+def rollout_speed(args):
+    """`python evaluate.py --bench` (its flags: --suite, default libero_object, --max-steps, at most 100,
+    --eval-workers, --img-size). Env steps per second with rendering over whole episodes (reset, init state,
+    5 settle steps, `max_steps` steps of a fresh policy). The bare simulator's rate comes from the same
+    episodes run in this process (one torch thread, as in a worker) with the time inside get_action taken
+    out, so it simulates the very same arm motions; then the policy through 1 worker and through N workers,
+    each after one warm-up round."""
+    from evaluate import N_SETTLE, Evaluator, make_env, run_episode
+    args.suite = args.suite or "libero_object"
+    args.max_steps = min(args.max_steps, 100)
+    torch.set_num_threads(1)
+    n_eps = 2
+    embs, _ = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
+    policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
+    timed = TimedPolicy(fold_batchnorm(copy.deepcopy(policy)))  # as in a worker
+    env, init_states = make_env(args.suite, 0)
+    run_episode(env, timed, embs[0], init_states[0], 5, args.img_size)  # warm-up
+    timed.seconds, t0 = 0.0, time.time()
+    for i in range(n_eps):
+        run_episode(env, timed, embs[0], init_states[i], args.max_steps, args.img_size)
+    total = time.time() - t0
+    env.close()
+    steps = n_eps * args.max_steps
+    bare = steps / (total - timed.seconds)
+    rows = [("bare simulator (the same episodes, time in get_action removed)", bare),
+            (f"policy in this process ({args.img_size} px, {1000 * timed.seconds / steps:.0f} ms per get_action)",
+             steps / total)]
+    for n in (1, args.eval_workers):
+        ev = Evaluator(args.suite, n_eval=n_eps * n, max_steps=args.max_steps, workers=n)
+        ev(policy, [0], embs)  # warm-up: spawn, imports, env creation
+        ev.episodes.clear()
+        t0 = time.time()
+        ev(policy, [0], embs)
+        wall = time.time() - t0
+        steps = sum(e[3] for e in ev.episodes)
+        rows.append((f"{n} worker(s): per worker", steps / sum(e[4] for e in ev.episodes)))
+        if n > 1:
+            rows.append((f"{n} worker(s): all together, wall clock", steps / wall))
+        ev.close()
+    print(f"| {args.suite} task 0, episodes of reset + {N_SETTLE} settle + {args.max_steps} steps "
+          "| env steps/s | bare rate / this rate |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.2f} | {bare / rate:.2f} |")
 
 
 def main():

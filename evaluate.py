@@ -15,7 +15,6 @@ start or render, or keeps failing, stops the evaluation (EnvError) instead of co
 Evaluator). Workers ignore Ctrl-C and die with the main process.
 """
 import argparse
-import copy
 import multiprocessing as mp
 import os
 import signal
@@ -510,64 +509,6 @@ def load_policy(path):
     return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), ckpt.get("tasks", list(range(ckpt["task"] + 1)))
 
 
-class TimedPolicy:
-    """A policy that also counts the seconds spent in its get_action."""
-
-    def __init__(self, policy):
-        self.policy, self.seconds = policy, 0.0
-
-    def reset(self):
-        self.policy.reset()
-
-    def get_action(self, obs, task_emb):
-        t0 = time.time()
-        action = self.policy.get_action(obs, task_emb)
-        self.seconds += time.time() - t0
-        return action
-
-
-def bench(args):
-    """Env steps per second with rendering over whole episodes (reset, init state, 5 settle steps,
-    `max_steps` steps of a fresh policy). The bare simulator's rate comes from the same episodes run in
-    this process (one torch thread, as in a worker) with the time inside get_action taken out, so it
-    simulates the very same arm motions; then the policy through 1 worker and through N workers, each
-    after one warm-up round."""
-    from model import ResNetT, fold_batchnorm
-    torch.set_num_threads(1)
-    n_eps = 2
-    embs, _ = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
-    policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
-    timed = TimedPolicy(fold_batchnorm(copy.deepcopy(policy)))  # as in a worker
-    env, init_states = make_env(args.suite, 0)
-    run_episode(env, timed, embs[0], init_states[0], 5, args.img_size)  # warm-up
-    timed.seconds, t0 = 0.0, time.time()
-    for i in range(n_eps):
-        run_episode(env, timed, embs[0], init_states[i], args.max_steps, args.img_size)
-    total = time.time() - t0
-    env.close()
-    steps = n_eps * args.max_steps
-    bare = steps / (total - timed.seconds)
-    rows = [("bare simulator (the same episodes, time in get_action removed)", bare),
-            (f"policy in this process ({args.img_size} px, {1000 * timed.seconds / steps:.0f} ms per get_action)",
-             steps / total)]
-    for n in (1, args.eval_workers):
-        ev = Evaluator(args.suite, n_eval=n_eps * n, max_steps=args.max_steps, workers=n)
-        ev(policy, [0], embs)  # warm-up: spawn, imports, env creation
-        ev.episodes.clear()
-        t0 = time.time()
-        ev(policy, [0], embs)
-        wall = time.time() - t0
-        steps = sum(e[3] for e in ev.episodes)
-        rows.append((f"{n} worker(s): per worker", steps / sum(e[4] for e in ev.episodes)))
-        if n > 1:
-            rows.append((f"{n} worker(s): all together, wall clock", steps / wall))
-        ev.close()
-    print(f"| {args.suite} task 0, episodes of reset + {N_SETTLE} settle + {args.max_steps} steps "
-          "| env steps/s | bare rate / this rate |\n|---|---|---|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:.2f} | {bare / rate:.2f} |")
-
-
 def cli(main):
     """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) is printed in short
     lines, without a traceback, exit status 1; Ctrl-C ends with one line, exit status 130 (the workers are
@@ -605,10 +546,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.aggregate:
         return aggregate(args.aggregate, args.png)
-    if args.bench:
-        args.suite = args.suite or "libero_object"
-        args.max_steps = min(args.max_steps, 100)
-        return bench(args)
+    if args.bench:  # a measurement, not a part of the protocol: it lives in bench.py
+        return __import__("bench").rollout_speed(args)
     if not args.checkpoint:
         p.error("--checkpoint is required (or --bench)")
     try:
