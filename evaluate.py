@@ -15,6 +15,7 @@ start or render, or keeps failing, stops the evaluation (EnvError) instead of co
 Evaluator). Workers ignore Ctrl-C and die with the main process.
 """
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -196,7 +197,8 @@ class Evaluator:
     300 + 2 max_steps) is retried once in a fresh env, then left out, never counted as a failure. EnvError,
     and no result, when the simulator cannot start or render (check), after STOP_AFTER tries in a row that
     could not run, or when no episode of a task ran. Episode ep of task t is seeded by episode_seed(seed, t,
-    ep) and starts from init state ep mod 50. `low_eval_noise`: model.GMMHead. Workers live until close().
+    ep) and starts from init state ep mod 50. `low_eval_noise`: model.GMMHead. Workers live until close() (or
+    the end of a `with` block).
     """
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
@@ -328,6 +330,12 @@ class Evaluator:
             if p is not None:
                 self._kill(i)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # `with Evaluator(...) as ev:` closes it however the block ends
+        self.close()
+
 
 # ----------------------------------------------------------------------------- LIBERO's metrics
 def lifelong_metrics(conf_mat, fwt_k):
@@ -353,39 +361,50 @@ def lifelong_metrics(conf_mat, fwt_k):
             "auc": float(np.mean(auc_k))}
 
 
+@contextlib.contextmanager
+def write_png(path, dpi, **subplots):
+    """matplotlib's subplots(**subplots) -> (fig, axes), off-screen; the PNG `path` is written atomically at the end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(**subplots)
+    yield fig, axes
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def draw_matrix(ax, c, labels, texts, fontsize, label_size=None):
+    """A success matrix c (K, K) (NaN: no value) on `ax`: rows after learning task k, columns the evaluated
+    task, both labelled `labels`; texts {(k, tau): the cell's text}."""
+    ax.imshow(c, vmin=0, vmax=1, cmap="viridis")
+    for (k, tau), text in texts.items():
+        ax.text(tau, k, text, ha="center", va="center", fontsize=fontsize, color="k" if c[k, tau] >= 0.6 else "w")
+    ax.set_xticks(range(len(c)), labels)
+    ax.set_yticks(range(len(c)), labels)
+    ax.set_xlabel("evaluated task", fontsize=label_size)
+    ax.set_ylabel("after learning task", fontsize=label_size)
+
+
 def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None, episodes=None):
     """The success matrix as a PNG heatmap (rows: after learning the k-th task; columns: evaluated task), the
     metrics and the episodes per cell (`episodes`, the same shape as conf_mat) in the title; `task_ids` label
     the tasks on the axes with their LIBERO ids (default 0..K-1). Sized to stay readable from 1 to 10 tasks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     K = len(conf_mat)
     c = np.full((K, K), np.nan)
     for k, row in enumerate(conf_mat):
         c[k, :len(row)] = [np.nan if v is None else v for v in row]
-    side = max(3.0, 0.6 * K)  # inches of the matrix; at least room for the title
-    fig, ax = plt.subplots(figsize=(side + 1.4, side + 1.6))
-    ax.imshow(c, vmin=0, vmax=1, cmap="viridis")
-    for k in range(K):
-        for tau in range(len(conf_mat[k])):
-            ax.text(tau, k, "n/a" if np.isnan(c[k, tau]) else f"{c[k, tau]:.2f}", ha="center", va="center",
-                    fontsize=9, color="w" if np.isnan(c[k, tau]) or c[k, tau] < 0.6 else "k")
-    labels = [str(t) for t in (task_ids or range(K))]
-    ax.set_xticks(range(K), labels)
-    ax.set_yticks(range(K), labels)
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("after learning task")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = textwrap.wrap(title, 40) + [f"FWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}"]
     counts = sorted({n for row in (episodes or []) for n in row})
     if counts:
         lines.append(f"{counts[0]}{'' if len(counts) == 1 else f'-{counts[-1]}'} episodes per cell")
-    ax.set_title("\n".join(lines), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    side = max(3.0, 0.6 * K)  # inches of the matrix; at least room for the title
+    with write_png(path, 100, figsize=(side + 1.4, side + 1.6)) as (fig, ax):
+        draw_matrix(ax, c, [str(t) for t in (task_ids or range(K))], {(k, tau): "n/a" if np.isnan(c[k, tau]) else
+                    f"{c[k, tau]:.2f}" for k in range(K) for tau in range(len(conf_mat[k]))}, 9)
+        ax.set_title("\n".join(lines), fontsize=9)
 
 
 # ----------------------------------------------------------------------------- many runs: the paper's table
@@ -461,41 +480,26 @@ def aggregate(pattern, png=None):
 
 def plot_aggregate(groups, path):
     """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     G = len(groups)
-    fig, axes = plt.subplots(1, G + 1, figsize=(4 + 3.2 * G, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    for i, (label, g) in enumerate(groups.items()):
-        for j, m in enumerate(("fwt", "nbt", "auc")):
-            mean, lo, hi = g[m]
-            if mean is not None:
-                err = None if lo is None else [[mean - lo], [hi - mean]]
-                ax.bar(j + i / (G + 1), mean, 1 / (G + 1), yerr=err, capsize=3, color=f"C{i}",
-                       label=label if j == 0 else None)
-    ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
-    ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
-    for a, (label, g) in zip(axes[0, 1:], groups.items()):
-        rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
-        a.imshow(rate, vmin=0, vmax=1, cmap="viridis")
-        for k in range(len(rate)):
-            for t in range(k + 1):
-                lo, hi = wilson(g["successes"][k, t], g["episodes"][k, t])
-                if lo is not None:
-                    a.text(t, k, f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]", ha="center", va="center", fontsize=6,
-                           color="w" if rate[k, t] < 0.6 else "k")
-        a.set_xticks(range(len(rate)), g["task_ids"])
-        a.set_yticks(range(len(rate)), g["task_ids"])
-        a.set_title(f"{label}\n({len(g['seeds'])} seeds, Wilson 95%)", fontsize=7)
-        a.set_xlabel("evaluated task", fontsize=7)
-        a.set_ylabel("after learning task", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=(4 + 3.2 * G, 3.6), squeeze=False) as (fig, axes):
+        ax = axes[0, 0]
+        for i, (label, g) in enumerate(groups.items()):
+            for j, m in enumerate(("fwt", "nbt", "auc")):
+                mean, lo, hi = g[m]
+                if mean is not None:
+                    err = None if lo is None else [[mean - lo], [hi - mean]]
+                    ax.bar(j + i / (G + 1), mean, 1 / (G + 1), yerr=err, capsize=3, color=f"C{i}",
+                           label=label if j == 0 else None)
+        ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
+        ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
+        for a, (label, g) in zip(axes[0, 1:], groups.items()):
+            rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
+            ci = {(k, t): wilson(g["successes"][k, t], g["episodes"][k, t]) for k, t in zip(*np.tril_indices(len(rate)))}
+            draw_matrix(a, rate, g["task_ids"], {(k, t): f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]"
+                                                 for (k, t), (lo, hi) in ci.items() if lo is not None}, 6, 7)
+            a.set_title(f"{label}\n({len(g['seeds'])} seeds, Wilson 95%)", fontsize=7)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -527,6 +531,15 @@ def cli(main):
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def exits(prefix=""):
+    """The one-line FileNotFoundError/ValueError of a check (data.py, model.py) -> SystemExit(prefix + it)."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(prefix + str(e)) from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
@@ -550,27 +563,21 @@ def main(argv=None):
         return __import__("bench").rollout_speed(args)
     if not args.checkpoint:
         p.error("--checkpoint is required (or --bench)")
-    try:
+    with exits("--checkpoint "):
         policy, embs, suite, learned = load_policy(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--checkpoint {e}") from None
     args.suite = args.suite or suite
-    n = data.suite_benchmark(args.suite).get_num_tasks()
+    bench = data.suite_benchmark(args.suite)
+    n = bench.get_num_tasks()
     tasks = args.tasks or [t for t in learned if t < n]
     bad = [t for t in tasks if not 0 <= t < min(n, len(embs))]
     if bad:
         raise SystemExit(f"--tasks {bad}: {args.suite} has tasks 0..{n - 1}, the checkpoint embeds {len(embs)}.")
-    ev = Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir, seed=args.seed,
-                   low_eval_noise=args.low_eval_noise)
-    try:
-        ev.check(tasks[0])
-        rates = ev(policy, tasks, embs)
-    finally:
-        ev.close()
-    bench_ = data.suite_benchmark(args.suite)
+    with Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir, seed=args.seed,
+                   low_eval_noise=args.low_eval_noise) as ev:
+        rates = ev(policy, tasks, embs)  # the simulator is checked first (Evaluator.check)
     print("| task | instruction | success | episodes |\n|---|---|---|---|")
     for t in tasks:
-        print(f"| {t} | {bench_.get_task(t).language} | {rates[t][0]:.2f} | {rates[t][1]} |")
+        print(f"| {t} | {bench.get_task(t).language} | {rates[t][0]:.2f} | {rates[t][1]} |")
     print(f"| mean | | {np.mean([r for r, _ in rates.values()]):.2f} | {sum(n for _, n in rates.values())} |")
 
 

@@ -219,12 +219,10 @@ def check_room(policy, task_embs, args):
 def resume_state(args, j):
     """The weights after the run's j-th task, from <out>/task<j>.pt, on --device (a run trained on a GPU resumes
     on a CPU)."""
-    try:
+    with rollouts.exits():
         return read_checkpoint(os.path.join(args.out, f"task{j}.pt"), args.device, fix=(
             f"results.json in --out records task {j} as finished, so resuming needs it: restore it, or pass another "
             "--out to start over"))["state_dict"]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
 
 
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
@@ -287,10 +285,8 @@ def first_task_from(args, res):
     if diff or not other["tasks"]:
         raise SystemExit(f"--first-task-from {src}: " + (f"that run has other flags ({', '.join(diff)})" if diff
                          else "that run has not finished its first task") + "; train the first task here instead.")
-    try:
+    with rollouts.exits(f"--first-task-from {src}: "):
         ckpt = read_checkpoint(os.path.join(src, "task0.pt"), fix="train the first task here instead")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--first-task-from {src}: {e}") from None
     save_torch(ckpt, os.path.join(args.out, "task0.pt"))
     res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src, task_emb=other.get("task_emb"))
     return res
@@ -314,10 +310,8 @@ def check_data(args, bench):
     for k in args.tasks:
         path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
         if os.path.exists(path):
-            try:
+            with rollouts.exits():
                 split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
-            except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(str(e)) from None
             if len(split["train"]) < args.n_demos:
                 print(f"{path}: {split['total']} demos, {len(split['val'])} held out: task {k} trains on "
                       f"{len(split['train'])}, not --n-demos {args.n_demos}.", flush=True)
@@ -431,25 +425,15 @@ def run(args, evaluate=None):
             return res
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
-        try:
+        with rollouts.exits("--init-from "):
             init_from(policy, args.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--init-from {e}") from None
-    evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
-        evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
-                                       os.path.join(args.out, "videos") if args.videos else None,
-                                       seed=args.seed, low_eval_noise=args.low_eval_noise)
-        evaluate = lambda policy, ids: evaluator(policy, ids, task_embs)
-    elif evaluate is None:
-        evaluate = lambda policy, ids: {i: (None, 0) for i in ids}  # --n-eval 0: success is not measured
-    try:
-        if evaluator is not None:
-            evaluator.check(args.tasks[0])  # the simulator renders: checked before any training
-        return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
-    finally:
-        if evaluator is not None:
-            evaluator.close()
+        with rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, os.path.join(
+                args.out, "videos") if args.videos else None, seed=args.seed, low_eval_noise=args.low_eval_noise) as ev:
+            ev.check(args.tasks[0])  # the simulator renders: checked before any training
+            return lifelong(args, bench, policy, task_embs, timed(lambda p, ids: ev(p, ids, task_embs), res), res)
+    evaluate = evaluate or (lambda policy, ids: {i: (None, 0) for i in ids})  # --n-eval 0: success is not measured
+    return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
 
 
 def timed(evaluate, res):
