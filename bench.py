@@ -3,12 +3,13 @@
     python bench.py                                  # b: M2Distill step / ER step;  c: peak memory / uint8 images
     python bench.py --libero-dir DIR [--libero-site SITE]   # a: ours vs LIBERO's own BCTransformerPolicy
     python bench.py --results runs/<run>/results.json       # d: a finished run's time, collect / data / train / eval
+    python bench.py --only e --eval-workers 2 --max-steps 60  # e: rollout env steps/s, bare simulator vs 1 vs N workers
 
 a. runs LIBERO's unmodified policy code from a checkout outside this repository (DIR holds its
    `libero/lifelong`; SITE holds what that code imports and we do not: robomimic==0.2.0, einops,
    torchvision), with the config of its bc_transformer_policy.yaml, the same batch and threads.
    Steps of the two policies alternate, so both see the same load on the machine.
-(Rollout speed, bare simulator vs workers: `python evaluate.py --bench`, rollout_speed below.)
+e. runs the simulator, so it runs only when asked for (--only e).
 """
 import argparse
 import copy
@@ -202,14 +203,12 @@ class TimedPolicy:
 
 
 def rollout_speed(args):
-    """`python evaluate.py --bench` (its flags: --suite, default libero_object, --max-steps, at most 100,
-    --eval-workers, --img-size). Env steps per second with rendering over whole episodes (reset, init state,
-    5 settle steps, `max_steps` steps of a fresh policy). The bare simulator's rate comes from the same
+    """e. Env steps per second with rendering over whole episodes (reset, init state, 5 settle steps, `max_steps`
+    steps, at most 100, of a fresh policy of `img_size` px). The bare simulator's rate comes from the same
     episodes run in this process (one torch thread, as in a worker) with the time inside get_action taken
-    out, so it simulates the very same arm motions; then the policy through 1 worker and through N workers,
-    each after one warm-up round."""
+    out, so it simulates the very same arm motions; then the policy through 1 worker and through N workers
+    (--eval-workers), each after one warm-up round."""
     from evaluate import N_SETTLE, Evaluator, make_env, run_episode
-    args.suite = args.suite or "libero_object"
     args.max_steps = min(args.max_steps, 100)
     torch.set_num_threads(1)
     n_eps = 2
@@ -257,7 +256,9 @@ def main():
     p.add_argument("--data-dir", default="data", help="c.: demonstrations to load (skipped when absent)")
     p.add_argument("--n-tasks", type=int, default=3)
     p.add_argument("--results", help="d.: a results.json to split into collect / data / train / eval time")
-    p.add_argument("--only", choices=["a", "b", "c", "d"], help="run one measurement")
+    p.add_argument("--eval-workers", type=int, default=os.cpu_count(), help="e.: N, the most workers measured")
+    p.add_argument("--max-steps", type=int, default=100, help="e.: policy steps per episode (at most 100)")
+    p.add_argument("--only", choices=["a", "b", "c", "d", "e"], help="run one measurement (e. runs only so)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if args.only in (None, "a") and args.libero_dir:
@@ -271,6 +272,8 @@ def main():
             print(f"\n(c. skipped: no {args.data_dir}/{args.suite}; pass --data-dir)")
     if args.only in (None, "d") and args.results:
         time_split(args.results)
+    if args.only == "e":
+        rollout_speed(args)
 
 
 if __name__ == "__main__":

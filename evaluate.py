@@ -1,19 +1,17 @@
 """evaluate.py: rollouts in the real LIBERO simulator, the success matrix, and FWT / NBT / AUC.
 
     python evaluate.py --checkpoint runs/libero_object_m2distill_s10000/task2.pt --suite libero_object
-    python evaluate.py --bench                         # env steps/s: bare simulator vs 1 vs N workers
+    python evaluate.py --aggregate 'runs/*' --png table.png      # the paper-style table of many runs
 
-An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with
-one of the task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the
-policy acts, its latent queue reset, until the env says `done` (success) or `max_steps`.
+An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with one of the
+task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the policy acts, its latent
+queue reset, until the env says `done` (success) or `max_steps`.
 
-Episodes run in `workers` processes started with `spawn`. Each worker holds its own copy of the
-policy (one thread, batch norms folded: inference at batch 1 and 128 px costs ~33 ms here against
-~170 ms of simulation and rendering per step)
-and creates its env lazily, keeping one env per worker until the task changes. A simulator that cannot
-start or render, or keeps failing, stops the evaluation (EnvError) instead of counting failures (see
-Evaluator). Workers ignore Ctrl-C and die with the main process.
-"""
+Episodes run in `workers` processes started with `spawn`, each with its own copy of the policy (one thread, batch
+norms folded: at batch 1 and 128 px ~33 ms against ~170 ms of simulation and rendering per step) and one env,
+made lazily and kept until the task changes. A simulator that cannot start or render, or keeps failing, stops
+the evaluation (EnvError) instead of counting failures (Evaluator). Workers ignore Ctrl-C, die with the main process.
+(Rollout speed, bare simulator vs workers: `python bench.py --only e`.)"""
 import argparse
 import contextlib
 import multiprocessing as mp
@@ -543,7 +541,7 @@ def exits(prefix=""):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
-    p.add_argument("--suite", default=None, help="default: the checkpoint's suite (libero_object for --bench)")
+    p.add_argument("--suite", default=None, help="default: the checkpoint's suite")
     p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: the tasks the checkpoint has learned, 0..k for task<k>.pt)")
     p.add_argument("--n-eval", type=int, default=20, help="episodes per task")
     p.add_argument("--max-steps", type=int, default=600)
@@ -552,17 +550,13 @@ def main(argv=None):
     p.add_argument("--low-eval-noise", action="store_true",
                    help="LIBERO's GMMHead option: act with the drawn mode's mean (min std), not a full sample")
     p.add_argument("--video-dir", help="write an MP4 of every episode here")
-    p.add_argument("--bench", action="store_true", help="measure env steps/s (bare vs 1 vs N workers)")
-    p.add_argument("--img-size", type=int, default=128, help="--bench: image side of the fresh policy")
     p.add_argument("--aggregate", metavar="GLOB", help="print the paper-style table of these runs (e.g. 'runs/*')")
     p.add_argument("--png", help="--aggregate: also draw the metrics and mean matrices here")
     args = p.parse_args(argv)
     if args.aggregate:
         return aggregate(args.aggregate, args.png)
-    if args.bench:  # a measurement, not a part of the protocol: it lives in bench.py
-        return __import__("bench").rollout_speed(args)
     if not args.checkpoint:
-        p.error("--checkpoint is required (or --bench)")
+        p.error("--checkpoint is required (or --aggregate)")
     with exits("--checkpoint "):
         policy, embs, suite, learned = load_policy(args.checkpoint)
     args.suite = args.suite or suite
