@@ -187,17 +187,16 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
 
 
 class Evaluator:
-    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes.
+    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes (they live
+    until close() or the end of a `with` block).
 
-    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: the rate is successes /
-    episodes over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An
-    episode that could not run (the env raised; the worker died, or hung for `episode_timeout` s, default
-    300 + 2 max_steps) is retried once in a fresh env, then left out, never counted as a failure. EnvError,
-    and no result, when the simulator cannot start or render (check), after STOP_AFTER tries in a row that
-    could not run, or when no episode of a task ran. Episode ep of task t is seeded by episode_seed(seed, t,
-    ep) and starts from init state ep mod 50. `low_eval_noise`: model.GMMHead. Workers live until close() (or
-    the end of a `with` block).
-    """
+    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: the rate is successes / episodes
+    over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could
+    not run (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried
+    once in a fresh env, then left out, never counted as a failure. EnvError, and no result, when the simulator
+    cannot start or render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task
+    ran. Episode ep of task t is seeded by episode_seed(seed, t, ep) and starts from init state ep mod 50.
+    `low_eval_noise`: model.GMMHead."""
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
                  env_fn=None, seed=10000, low_eval_noise=False):
@@ -347,8 +346,7 @@ def lifelong_metrics(conf_mat, fwt_k):
         NBT_k = 1/(K-k) sum_{tau=k+1}^{K} (c_{k,k} - c_{tau,k}),   NBT = 1/(K-1) sum_{k=1}^{K-1} NBT_k
         AUC_k = 1/(K-k+1) (FWT_k + sum_{tau=k+1}^{K} c_{tau,k}),  AUC = (1/K) sum_k AUC_k
 
-    NBT is averaged over k < K only (the last task has no later task to forget it); with K = 1 it is None.
-    """
+    NBT is averaged over k < K only (the last task has no later task to forget it); with K = 1 it is None."""
     K = len(fwt_k)
     c = np.full((K, K), np.nan)
     for k, row in enumerate(conf_mat):
@@ -434,11 +432,11 @@ def wilson(successes, n, z=1.96):
 def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
-    Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ
-    between groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds; the success matrix
-    pooled over seeds (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting
-    (mean over k < K of nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Returns the
-    groups; prints the markdown table; writes `png` (metrics with intervals beside the mean matrices)."""
+    Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
+    groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds; the success matrix pooled over seeds
+    (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting (mean over k < K of
+    nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Returns the groups, prints the markdown
+    table, writes `png` (plot_aggregate)."""
     import glob
     import json
     paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
@@ -512,9 +510,8 @@ def load_policy(path):
 
 
 def cli(main):
-    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) is printed in short
-    lines, without a traceback, exit status 1; Ctrl-C ends with one line, exit status 130 (the workers are
-    ended by the Evaluator's close; work finished before stays on disk)."""
+    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) prints as short lines, no
+    traceback, exit status 1; Ctrl-C: one line, exit status 130 (the Evaluator ends the workers; work done stays)."""
     try:
         main()
     except KeyboardInterrupt:

@@ -11,8 +11,7 @@ while learning task k+1 M2Distill keeps pi_theta close to pi_old through four te
     L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy
 
 Sequential trains on L_BC alone; ER adds replayed past sequences to every batch; M2Distill is ER
-plus the four distillation terms (SPEC.md sections 3-5).
-"""
+plus the four distillation terms (SPEC.md sections 3-5)."""
 import argparse
 import copy
 import json
@@ -188,9 +187,8 @@ def save_checkpoint(policy, task_embs, args, j, path, task_emb=None):
 
 
 def save_torch(obj, path):
-    """torch.save, atomically. A full disk (OSError, or the RuntimeError of torch's zip writer) leaves no .tmp
-    behind and stops the run with one line naming the path and the free space; the finished tasks stay
-    (results.json is written after their checkpoint)."""
+    """torch.save, atomically. A full disk (OSError, or the RuntimeError of torch's zip writer) leaves no .tmp and
+    stops the run with one line naming the path and free space; finished tasks stay (results.json follows the .pt)."""
     try:
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -217,8 +215,7 @@ def check_room(policy, task_embs, args):
 
 
 def resume_state(args, j):
-    """The weights after the run's j-th task, from <out>/task<j>.pt, on --device (a run trained on a GPU resumes
-    on a CPU)."""
+    """The weights after the run's j-th task, <out>/task<j>.pt, on --device (a GPU-trained run resumes on a CPU)."""
     with rollouts.exits():
         return read_checkpoint(os.path.join(args.out, f"task{j}.pt"), args.device, fix=(
             f"results.json in --out records task {j} as finished, so resuming needs it: restore it, or pass another "
@@ -239,10 +236,9 @@ LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "l
 
 
 def load_results(args):
-    """The results of an earlier run in --out with the same flags (resume), or a fresh record (started from
-    another run's first task with --first-task-from); the --out folder is made. SystemExit naming --out
-    and the fix if it is a file, cannot be made, or holds a results.json that is not a record of ours
-    (empty, cut off, {}) or one of a run with other flags."""
+    """The results of an earlier run in --out with the same flags (resume), or a fresh record (started from another
+    run's first task with --first-task-from); makes the --out folder. SystemExit naming --out and the fix if it is a
+    file, cannot be made, or holds a results.json not of ours (empty, cut off, {}) or of a run with other flags."""
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -338,12 +334,11 @@ def ensure_data(args, bench):
 
 
 def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
-    """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E,
-    rollouts of the task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one)
-    loaded at the end. After every epoch the whole training state (weights, optimizer, schedule, random
-    streams, curve, best so far) goes to <out>/progress.pt, so a run killed mid-task resumes from its last
-    finished epoch and ends exactly as an uninterrupted one would. Returns the success curve, FWT_k and
-    the episodes each point of the curve is made of."""
+    """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E, rollouts of
+    the task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one) loaded at the end.
+    After every epoch the whole training state (weights, optimizer, schedule, random streams, curve, best so far)
+    goes to <out>/progress.pt, so a run killed mid-task resumes after its last finished epoch and ends exactly as an
+    uninterrupted one would. Returns the success curve, FWT_k and the episodes each point of the curve is made of."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)

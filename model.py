@@ -1,11 +1,8 @@
 """model.py: ResNet-T, LIBERO's BCTransformerPolicy written out in one file (SPEC.md section 2).
 
-Per timestep t the policy makes 5 tokens of size E=64, in this order:
-    [text, joint, gripper, agentview, eye_in_hand]
-a block-causal temporal transformer mixes the tokens of steps <= t, and a GMM head reads the text
-token of each step. One forward pass returns the GMM parameters *and* every latent that M2Distill
-distils (per-camera image tokens, the text token, the joint and gripper tokens).
-"""
+Per timestep t the policy makes 5 tokens of size E=64, in this order: [text, joint, gripper, agentview,
+eye_in_hand]; a block-causal temporal transformer mixes the tokens of steps <= t, and a GMM head reads the text
+token of each step. One forward pass returns the GMM parameters *and* every latent that M2Distill distils."""
 import math
 import os
 import pickle
@@ -26,8 +23,7 @@ def gmm_log_prob(means, stds, logits, a):
 
         log pi(a|s) = logsumexp_m [ log w_m + sum_j log N(a_j; mu_mj, sigma_mj) ],  w = softmax(logits)
 
-    means, stds (..., M, D), logits (..., M), a (..., D) -> (...)
-    """
+    means, stds (..., M, D), logits (..., M), a (..., D) -> (...)"""
     log_w = torch.log_softmax(logits, -1)  # (..., M)
     z = (a.unsqueeze(-2) - means) / stds  # (..., M, D)
     log_n = (-0.5 * z.pow(2) - stds.log() - 0.5 * math.log(2 * math.pi)).sum(-1)  # (..., M)
@@ -37,8 +33,7 @@ def gmm_log_prob(means, stds, logits, a):
 def gmm_sample(means, stds, logits, n, generator=None):
     """n samples a ~ pi(.|s): pick a mode m ~ Categorical(w), then a = mu_m + sigma_m * eps.
 
-    means, stds (..., M, D), logits (..., M) -> (n, ..., D)
-    """
+    means, stds (..., M, D), logits (..., M) -> (n, ..., D)"""
     probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])  # (S, M), S = prod(...)
     m = torch.multinomial(probs, n, replacement=True, generator=generator).T  # (n, S)
     m = m.reshape(n, *logits.shape[:-1], 1, 1).expand(n, *means.shape[:-2], 1, means.shape[-1])  # (n, ..., 1, D)
@@ -49,11 +44,9 @@ def gmm_sample(means, stds, logits, n, generator=None):
 
 
 class GMMHead(nn.Module):
-    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits.
-
-    `low_eval_noise` (LIBERO's GMMHead option, off by default; libero/lifelong/models/policy_head.py):
-    in eval mode every mode's std is the minimum std (1e-4), so a sample is the mean of the mode drawn
-    from the mixture weights. Training is unaffected."""
+    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits. With
+    `low_eval_noise` (LIBERO's option, off by default; libero/lifelong/models/policy_head.py) every std is the
+    minimum (1e-4) in eval mode: a sample is the mean of the mode drawn from the mixture weights (training as ever)."""
 
     def __init__(self, d_in=64, hidden=1024, modes=5, d_act=ACTION_DIM, min_std=1e-4, low_eval_noise=False):
         super().__init__()
@@ -125,9 +118,8 @@ class FiLMResNetEncoder(nn.Module):
 
 @torch.no_grad()
 def fold_batchnorm(policy):
-    """Fold each BatchNorm of the policy's image encoders into the conv before it: the same function
-    with one pass less over every feature map (~10-25% of a forward on CPU). For inference only (pi_old,
-    rollouts): puts the policy in eval mode, and a folded encoder has no batch statistics to train."""
+    """Fold each BatchNorm of the policy's image encoders into the conv before it: the same function, one pass less
+    over every feature map (~10-25% of a CPU forward). Inference only (pi_old, rollouts; no batch stats): eval mode."""
     fuse = nn.utils.fusion.fuse_conv_bn_eval
     for encoder in policy.eval().image_encoders.values():
         encoder.stem = nn.Sequential(fuse(encoder.stem[0], encoder.stem[1]), *encoder.stem[2:])
@@ -168,13 +160,12 @@ def augment_obs(obs, generator=None):
 
 
 def augment(x, jitter=0.3, p_jitter=0.9, pad=None, generator=None):
-    """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps:
-    colour jitter (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a
-    random shift (replicate-pad `pad` px, random HxW crop). One draw per sample, shared by all V images.
-    LIBERO's TranslationAug (libero/lifelong/models/modules/data_augmentation.py, translation 8) pads
-    4 px at 128 px, a shift of up to 1/32 of the image: `pad` defaults to that fraction of H (1 px at
-    32, 2 at 64, 4 at 128). The jitters act per pixel or on image means, so their strength does not
-    depend on the size. (torchvision applies the four jitters in a random order; here a fixed one.)"""
+    """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps: colour jitter
+    (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a random shift (replicate-pad
+    `pad` px, random HxW crop). One draw per sample, shared by all V images. LIBERO's TranslationAug (libero/lifelong/
+    models/modules/data_augmentation.py, translation 8) pads 4 px at 128 px, a shift of up to 1/32 of the image:
+    `pad` defaults to that fraction of H (1 px at 32, 2 at 64, 4 at 128). The jitters act per pixel or on image
+    means: their strength does not depend on the size (torchvision draws the jitters' order; here it is fixed)."""
     B, V, C, H, W = x.shape
     pad = max(1, round(H / 32)) if pad is None else pad
     u = lambda: (torch.rand(B, 1, 1, 1, 1, generator=generator) * 2 - 1) * jitter  # (B, 1, 1, 1, 1)
@@ -272,10 +263,8 @@ class ResNetT(nn.Module):
         return x.view(B, T, n, E)[:, :, 0]
 
     def forward(self, obs, task_emb):
-        """One pass: GMM parameters at every step and every distilled latent.
-
-        Returns dict(means (B,T,M,7), stds (B,T,M,7), logits (B,T,M),
-                     text (B,E), joint_states/gripper_states/agentview_rgb/eye_in_hand_rgb (B,T,E))."""
+        """One pass: GMM parameters at every step and every distilled latent: dict(means (B,T,M,7), stds (B,T,M,7),
+        logits (B,T,M), text (B,E), joint_states/gripper_states/agentview_rgb/eye_in_hand_rgb (B,T,E))."""
         tokens, lat = self.spatial_encode(obs, task_emb)
         means, stds, logits = self.head(self.temporal_encode(tokens))
         return dict(means=means, stds=stds, logits=logits, **lat)
@@ -368,10 +357,9 @@ def check_fits(policy, sd, what, names=None, problems=()):
 
 def load_libero_state_dict(policy, sd, what="LIBERO state_dict"):
     """Load LIBERO's BCTransformerPolicy weights (its `state_dict()`, default bc_transformer_policy config) into
-    `policy`, a ResNetT of the same task-embedding size (LIBERO's: bert-base-cased, 768) and image size; the policy
-    then computes LIBERO's function (checked against LIBERO's own outputs in test_m2distill.py). Returns the policy.
-    Raises ValueError, one line naming every unmatched, mis-shaped or unequal key (LIBERO's names) and every missing
-    one (ResNetT's names); `what` names the source."""
+    `policy`, a ResNetT of the same task-embedding (LIBERO's: bert-base-cased, 768) and image size: it then computes
+    LIBERO's function (tested against LIBERO's outputs). Returns the policy. ValueError, one line naming every
+    unmatched, mis-shaped or unequal key (LIBERO's names) and every missing one (ResNetT's); `what` names the source."""
     renamed, problems = rename_libero(sd, policy)
     check_fits(policy, renamed, what, {libero_name(k): k for k in sd}, problems)
     policy.load_state_dict(renamed)
@@ -383,11 +371,11 @@ def read_checkpoint(path, map_location="cpu", libero=False,
     """Read and check a checkpoint, its tensors on `map_location` (a run trained on a GPU reads on a CPU-only machine).
 
     Ours, m2distill.py's task<k>.pt: dict(config, state_dict, task_embs (n_tasks, d_lang), task k, suite, algo, format),
-    returned once the state_dict fits ResNetT(**config); one older than format 2 gets the inputs of its keypoint
-    projections reordered (the same function in LIBERO's keypoint order). With libero=True, LIBERO's own file
-    (libero/lifelong/utils.py torch_save_model: dict(state_dict, cfg, previous_masks), or a bare state_dict) comes
-    back as dict(libero_state_dict=...). weights_only=True throughout: the classes of LIBERO's cfg (easydict) are
-    read as OrderedDicts. Raises FileNotFoundError or ValueError: one line naming the file, then `fix`."""
+    returned once the state_dict fits ResNetT(**config); one older than format 2 gets its keypoint projections' inputs
+    reordered (the same function in LIBERO's keypoint order). With libero=True, LIBERO's own file (libero/lifelong/
+    utils.py torch_save_model: dict(state_dict, cfg, previous_masks), or a bare state_dict) comes back as
+    dict(libero_state_dict=...). weights_only=True throughout (LIBERO's easydict cfg is read as OrderedDicts).
+    FileNotFoundError or ValueError: one line naming the file, then `fix`."""
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
         raise ValueError(f"{path} is a directory; {fix} ({', '.join(found) or 'none here'}).")
