@@ -23,15 +23,11 @@ LOW_DIM = {"joint_states": 7, "gripper_states": 2}  # the "extra" modalities, in
 ACTION_DIM = 7
 N_SETTLE = 5  # zero actions after reset/set_init_state before an episode counts; the datasets drop them
 # Every key of one official demo group, with its per-step shape (None: any) and dtype kind.
-DEMO_KEYS = {
-    "obs/agentview_rgb": (None, "u"), "obs/eye_in_hand_rgb": (None, "u"),
-    "obs/joint_states": ((7,), "f"), "obs/gripper_states": ((2,), "f"),
-    "obs/ee_pos": ((3,), "f"), "obs/ee_ori": ((3,), "f"), "obs/ee_states": ((6,), "f"),
-    "actions": ((7,), "f"), "states": (None, "f"), "robot_states": ((9,), "f"),
-    "rewards": ((), "u"), "dones": ((), "u"),
-}
-DATA_ATTRS = ("env_name", "problem_info", "bddl_file_name", "env_args", "num_demos", "total",
-              "macros_image_convention")
+DEMO_KEYS = {"obs/agentview_rgb": (None, "u"), "obs/eye_in_hand_rgb": (None, "u"), "obs/joint_states": ((7,), "f"),
+             "obs/gripper_states": ((2,), "f"), "obs/ee_pos": ((3,), "f"), "obs/ee_ori": ((3,), "f"),
+             "obs/ee_states": ((6,), "f"), "actions": ((7,), "f"), "states": (None, "f"), "robot_states": ((9,), "f"),
+             "rewards": ((), "u"), "dones": ((), "u")}
+DATA_ATTRS = ("env_name", "problem_info", "bddl_file_name", "env_args", "num_demos", "total", "macros_image_convention")
 DEMO_ATTRS = ("num_samples", "model_file", "init_state")
 TRAIN_KEYS = [f"obs/{k}" for k in (*CAMERAS, *LOW_DIM)] + ["actions"]  # all that training reads of a demo
 
@@ -205,17 +201,12 @@ def write_demo_file(path, demos, *, language, bddl_file_name, env_args, problem_
             for key in DEMO_KEYS:
                 v = d["obs"][key[4:]] if key.startswith("obs/") else d[key]
                 e.create_dataset(key, data=v, compression="gzip" if v.dtype == np.uint8 and v.ndim == 4 else None)
-            e.attrs["num_samples"] = len(d["actions"])
-            e.attrs["model_file"] = d["model_file"]
-            e.attrs["init_state"] = d["init_state"]
-        g.attrs["env_name"] = "_".join(w.capitalize() for w in problem_name.split("_"))  # Libero_Floor_Manipulation
-        g.attrs["problem_info"] = json.dumps({"problem_name": problem_name, "domain_name": "robosuite",
-                                              "language_instruction": language})
-        g.attrs["bddl_file_name"] = bddl_file_name
-        g.attrs["env_args"] = json.dumps(env_args)
-        g.attrs["num_demos"] = len(demos)
-        g.attrs["total"] = sum(len(d["actions"]) for d in demos)
-        g.attrs["macros_image_convention"] = "opengl"
+            e.attrs.update(num_samples=len(d["actions"]), model_file=d["model_file"], init_state=d["init_state"])
+        g.attrs.update(env_name="_".join(w.capitalize() for w in problem_name.split("_")),  # Libero_Floor_Manipulation
+                       problem_info=json.dumps({"problem_name": problem_name, "domain_name": "robosuite",
+                                                "language_instruction": language}),
+                       bddl_file_name=bddl_file_name, env_args=json.dumps(env_args), num_demos=len(demos),
+                       total=sum(len(d["actions"]) for d in demos), macros_image_convention="opengl")
     os.replace(tmp, path)
 
 
@@ -342,10 +333,8 @@ def task_embeddings(instructions, kind="minilm", cache_dir=None):
     key = hashlib.sha1(json.dumps([kind, list(instructions)]).encode()).hexdigest()[:12]
     cache = cache_dir and os.path.join(cache_dir, f"task_emb_{kind}_{key}.pt")
     if cache and os.path.exists(cache):
-        try:
+        with contextlib.suppress(Exception):  # a cut-off or foreign file: recompute it
             return torch.load(cache, map_location="cpu", weights_only=True), kind
-        except Exception:  # a cut-off or foreign file: recompute it
-            pass
     if kind == "onehot":
         emb = torch.eye(len(instructions))
     elif kind == "hash":

@@ -14,6 +14,7 @@ the evaluation (EnvError) instead of counting failures (Evaluator). Workers igno
 (Rollout speed, bare simulator vs workers: `python bench.py --only e`.)"""
 import argparse
 import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -113,11 +114,8 @@ def renderer_problem(error):
 def _end_with_parent(parent_pid):
     """The kernel kills this worker when its parent dies (Linux PR_SET_PDEATHSIG); elsewhere, and if the
     parent died already, a thread that checks the parent's pid every second ends it."""
-    try:
-        import ctypes
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
     def watch():
         while os.getppid() == parent_pid:
@@ -175,10 +173,8 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
                 result = (task, ep, success, steps, seconds, None)
         except Exception:
             result = (task, ep, False, 0, 0.0, traceback.format_exc())
-            try:
+            with contextlib.suppress(Exception):
                 env.close()
-            except Exception:
-                pass
             env, env_task = None, None  # a fresh env for the next episode
         try:
             conn.send(result)
@@ -267,30 +263,22 @@ class Evaluator:
         busy, wins, ran, streak = {}, {t: 0 for t in task_ids}, {t: 0 for t in task_ids}, 0
         try:
             while todo or busy:
-                for i in range(self.n_workers):
-                    if i not in busy and todo:
-                        job = todo.pop(0)
-                        try:
-                            self.conns[i].send(("episode", job[0], job[1], self.calls))
-                        except OSError:
-                            pass  # a dead worker: found below
-                        busy[i] = (job, time.time())
+                for i in [i for i in range(self.n_workers) if i not in busy][:len(todo)]:
+                    busy[i] = (todo.pop(0), time.time())
+                    with contextlib.suppress(OSError):  # a dead worker: found below
+                        self.conns[i].send(("episode", *busy[i][0][:2], self.calls))
                 ready = wait([self.conns[i] for i in busy], timeout=1.0)
                 for i in list(busy):
                     (task, ep, tries), t0 = busy[i]
                     reply, problem = None, None
                     if self.conns[i] in ready:
-                        try:
+                        with contextlib.suppress(EOFError, OSError):
                             reply = self.conns[i].recv()
-                            problem = reply[5]
-                        except (EOFError, OSError):
-                            problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
-                    elif not self.procs[i].is_alive():
-                        problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
-                    elif time.time() - t0 > self.timeout:
+                    elif self.procs[i].is_alive():
+                        if time.time() - t0 <= self.timeout:
+                            continue
                         problem = f"worker {i} hung for more than {self.timeout:.0f} s"
-                    else:
-                        continue
+                    problem = reply[5] if reply else problem or f"worker {i} died (exit code {self.procs[i].exitcode})"
                     del busy[i]
                     if problem is None:
                         wins[task], ran[task], streak = wins[task] + reply[2], ran[task] + 1, 0

@@ -531,10 +531,8 @@ def parse_args(argv=None):
       help="LIBERO's GMMHead option: rollouts act with the drawn mode's mean (min std), not a full sample")
     a("--n-memories", type=int, default=1000, help="ER: sequences kept per past task")
     a("--replay", default="on", choices=["on", "off"], help="M2Distill/ER: mix replayed sequences into batches")
-    a("--lambda-image", type=float, default=1.0, help="weight of L_image (0 switches it off)")
-    a("--lambda-text", type=float, default=1.0, help="weight of L_text (0 switches it off)")
-    a("--lambda-extra", type=float, default=1.0, help="weight of L_extra (0 switches it off)")
-    a("--lambda-policy", type=float, default=1.0, help="weight of L_policy (0 switches it off)")
+    for m in ("image", "text", "extra", "policy"):
+        a(f"--lambda-{m}", type=float, default=1.0, help=f"weight of L_{m} (0 switches it off)")
     a("--kl-samples", type=int, default=10, help="Monte Carlo samples N in L_policy")
     a("--kl-direction", default="forward", choices=["forward", "reverse"], help="KL(old||new) or KL(new||old)")
     a("--kl-timesteps", default="all", choices=["all", "last"], help="steps of each sequence L_policy covers")
