@@ -124,9 +124,7 @@ def check_demos(f, path, demos, img_size):
                 raise ValueError(f"{where} holds {shape[0]}x{shape[0]} images; --img-size {img_size} must divide "
                                  f"{shape[0]}: use --img-size {' or '.join(map(str, fits))}.")
             if kind == "f":
-                v = x[()]
-                bad = ~np.isfinite(v)
-                if bad.any():
+                if (bad := ~np.isfinite(v := x[()])).any():
                     raise ValueError(f"{where} holds NaN or inf (first at step {np.argwhere(bad)[0][0]}); "
                                      "remove that demo from the file or regenerate the file.")
                 if key == "actions" and np.abs(v).max() > 1 + 1e-6:
@@ -168,24 +166,22 @@ def check_task_file(path, n_demos, val_demos, img_size):
 def check_layout(f, path):
     """ValueError naming the file and key unless `f` (an open h5py.File) has the full official layout with every
     attribute (replay in the simulator needs it; training less: check_task_file). Returns its demo names, in order."""
-    where = f"{path}: "
     demos = demo_names(f, path)
     for a in DATA_ATTRS:
         if a not in f["data"].attrs:
-            raise ValueError(where + f"group 'data' lacks attribute {a!r}.")
+            raise ValueError(f"{path}: group 'data' lacks attribute {a!r}.")
     for d in demos:
         g = f["data"][d]
         n = len(g["actions"]) if "actions" in g else None
         for key, (shape, kind) in DEMO_KEYS.items():
             if key not in g:
-                raise ValueError(where + f"'data/{d}/{key}' is missing.")
-            x = g[key]
-            if len(x) != n or x.dtype.kind != kind or (shape is not None and x.shape[1:] != shape):
-                raise ValueError(where + f"'data/{d}/{key}' has shape {x.shape} dtype {x.dtype}; "
+                raise ValueError(f"{path}: 'data/{d}/{key}' is missing.")
+            if len(x := g[key]) != n or x.dtype.kind != kind or (shape is not None and x.shape[1:] != shape):
+                raise ValueError(f"{path}: 'data/{d}/{key}' has shape {x.shape} dtype {x.dtype}; "
                                  f"expected ({n}, {shape or '...'}) of kind {kind!r}.")
         for a in DEMO_ATTRS:
             if a not in g.attrs:
-                raise ValueError(where + f"'data/{d}' lacks attribute {a!r}.")
+                raise ValueError(f"{path}: 'data/{d}' lacks attribute {a!r}.")
     return demos
 
 
@@ -226,9 +222,7 @@ def resize_images(x, size):
 def noop_steps(actions, eps=1e-4):
     """(T,) bool, the steps of one demo's actions (T, 7) that do nothing: no arm motion (||a[:6]|| < eps) and the
     step before's gripper command (step 0: no arm motion). OpenVLA's is_noop (libero/regenerate_libero_dataset.py)."""
-    still = np.linalg.norm(actions[:, :6], axis=1) < eps
-    same_grip = np.r_[True, actions[1:, 6] == actions[:-1, 6]]
-    return still & same_grip
+    return (np.linalg.norm(actions[:, :6], axis=1) < eps) & np.r_[True, actions[1:, 6] == actions[:-1, 6]]
 
 
 class SequenceDataset:

@@ -76,13 +76,11 @@ def run_episode(env, policy, task_emb, init_state, max_steps, img_size, frames=N
 def write_video(path, frames, fps=20):
     """MP4 through OpenCV (installed with LIBERO), written to a temp name then renamed."""
     import cv2
-    h, w = frames[0].shape[:2]
-    tmp = path + ".tmp.mp4"
-    out = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    out = cv2.VideoWriter(path + ".tmp.mp4", cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[1::-1])  # (W, H)
     for f in frames:
         out.write(np.ascontiguousarray(f[..., ::-1]))  # RGB -> BGR
     out.release()
-    os.replace(tmp, path)
+    os.replace(path + ".tmp.mp4", path)
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -140,11 +138,9 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
         except (EOFError, OSError):
             break  # the main process is gone
         if msg[0] == "policy":
-            policy = ResNetT(**msg[1])
+            policy, task_embs = ResNetT(**msg[1]), msg[3]
             policy.load_state_dict(msg[2])
-            fold_batchnorm(policy)  # inference only: the same outputs, ~10% less time
-            policy.head.low_eval_noise = low_eval_noise
-            task_embs = msg[3]
+            fold_batchnorm(policy).head.low_eval_noise = low_eval_noise  # folded: the same outputs, ~10% less time
             continue
         kind, task, ep, call = msg
         try:
@@ -152,8 +148,7 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
                 if env is not None:
                     env.close()
                 env, env_task = None, None
-                env, init_states = env_fn(suite, task)
-                env_task = task
+                (env, init_states), env_task = env_fn(suite, task), task
             if kind == "check":  # the simulator starts and renders
                 env.reset()
                 env.set_init_state(init_states[0])
@@ -202,8 +197,8 @@ class Evaluator:
         self.timeout = episode_timeout or 300 + 2 * max_steps
         self.ctx = mp.get_context("spawn")
         self.procs, self.conns, self.policy_msg = [None] * self.n_workers, [None] * self.n_workers, None
-        self.errors, self.episodes, self.calls = [], [], 0  # problems; (task, ep, success, steps, s) per episode
-        self.checked = False
+        # errors: problems; episodes: (task, ep, success, steps, seconds) per episode that ran
+        self.errors, self.episodes, self.calls, self.checked = [], [], 0, False
         if video_dir:
             os.makedirs(video_dir, exist_ok=True)
 
@@ -376,9 +371,7 @@ def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None, episod
     metrics and the episodes per cell (`episodes`, the same shape as conf_mat) in the title; `task_ids` label
     the tasks on the axes with their LIBERO ids (default 0..K-1). Sized to stay readable from 1 to 10 tasks."""
     K = len(conf_mat)
-    c = np.full((K, K), np.nan)
-    for k, row in enumerate(conf_mat):
-        c[k, :len(row)] = [np.nan if v is None else v for v in row]
+    c = np.array([list(row) + [None] * (K - len(row)) for row in conf_mat], dtype=float)  # (K, K), None: NaN
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = textwrap.wrap(title, 40) + [f"FWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}"]
     counts = sorted({n for row in (episodes or []) for n in row})
@@ -399,11 +392,9 @@ def mean_ci(xs):
     """Mean and 95% Student-t interval over seeds, (mean, lo, hi); None values are left out; n = 1 gives
     no interval (lo = hi = None). t quantiles are tabulated up to 15 seeds, then 1.96 (normal)."""
     xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None, None
-    m = float(np.mean(xs))
     if len(xs) < 2:
-        return m, None, None
+        return (float(xs[0]) if xs else None), None, None
+    m = float(np.mean(xs))
     h = (T975[len(xs) - 2] if len(xs) - 2 < len(T975) else 1.96) * float(np.std(xs, ddof=1)) / np.sqrt(len(xs))
     return m, m - h, m + h
 
@@ -434,9 +425,8 @@ def aggregate(pattern, png=None):
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs}) > 1 and k != "algo"]
     groups = {}
-    for p, r in zip(paths, runs):
-        label = " ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying])
-        groups.setdefault(label, []).append(r)
+    for r in runs:
+        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying]), []).append(r)
     rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
     fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
     for label, rs in groups.items():
@@ -480,7 +470,7 @@ def plot_aggregate(groups, path):
         ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
         for a, (label, g) in zip(axes[0, 1:], groups.items()):
             rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
-            ci = {(k, t): wilson(g["successes"][k, t], g["episodes"][k, t]) for k, t in zip(*np.tril_indices(len(rate)))}
+            ci = {kt: wilson(g["successes"][kt], g["episodes"][kt]) for kt in zip(*np.tril_indices_from(rate))}
             draw_matrix(a, rate, g["task_ids"], {(k, t): f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]"
                                                  for (k, t), (lo, hi) in ci.items() if lo is not None}, 6, 7)
             a.set_title(f"{label}\n({len(g['seeds'])} seeds, Wilson 95%)", fontsize=7)

@@ -91,9 +91,8 @@ def loss_policy(out, old, n_samples=10, direction="forward", timesteps="all", ge
     step that acts at inference). N = `n_samples`. The samples carry no gradient, so for the reverse
     direction the gradient E_q[(1 + log q - log p) grad log q] is restored by a score-function term.
     """
-    pick = (lambda x: x) if timesteps == "all" else (lambda x: x[:, -1:])
-    new_p = [pick(out[k]) for k in ("means", "stds", "logits")]  # (B, T', M, D), (B, T', M, D), (B, T', M)
-    old_p = [pick(old[k]) for k in ("means", "stds", "logits")]
+    t = slice(None) if timesteps == "all" else slice(-1, None)
+    new_p, old_p = ([o[k][:, t] for k in ("means", "stds", "logits")] for o in (out, old))  # (B,T',M,D) x2, (B,T',M)
     if direction == "forward":
         a = gmm_sample(*old_p, n_samples, generator)  # (N, B, T', D)
         return (gmm_log_prob(*old_p, a) - gmm_log_prob(*new_p, a)).mean()
@@ -109,11 +108,10 @@ def total_loss(out, old, batch, args):
     Returns the total and each term, for logging."""
     terms = {"bc": loss_bc(out, batch["actions"])}
     if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
-        lambdas = {"image": args.lambda_image, "text": args.lambda_text, "extra": args.lambda_extra,
-                   "policy": args.lambda_policy}
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
                "policy": lambda o, p: loss_policy(o, p, args.kl_samples, args.kl_direction, args.kl_timesteps)}
-        terms.update({k: lambdas[k] * fns[k](out, old) for k in fns if lambdas[k] > 0})  # lambda 0: term off
+        lam = {k: getattr(args, f"lambda_{k}") for k in fns}
+        terms.update({k: lam[k] * f(out, old) for k, f in fns.items() if lam[k] > 0})  # lambda 0: term off
     return sum(terms.values()), terms
 
 
@@ -121,10 +119,7 @@ def total_loss(out, old, batch, args):
 def freeze(policy):
     """The previous-step model pi_old: a deep copy in eval mode that takes no gradient (its batch norms
     folded into their convs: the same outputs, a cheaper forward)."""
-    old = fold_batchnorm(copy.deepcopy(policy))
-    for p in old.parameters():
-        p.requires_grad_(False)
-    return old
+    return fold_batchnorm(copy.deepcopy(policy)).requires_grad_(False)
 
 
 def to_device(batch, task_embs, device):
@@ -135,9 +130,7 @@ def to_device(batch, task_embs, device):
 def make_batch(dataset, idx, memory, batch_size, generator=None):
     """The current task's sequences `idx`; with replay, plus `batch_size` sequences from the memory (ER)."""
     batch = dataset.batch(idx)
-    if memory is not None and len(memory):
-        batch = data.cat_batches([batch, memory.sample(batch_size, generator)])
-    return batch
+    return data.cat_batches([batch, memory.sample(batch_size, generator)]) if memory else batch  # no or an empty memory
 
 
 def train_step(policy, old, batch, opt, args):
@@ -228,8 +221,8 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
              "init_from", "drop_noops", "low_eval_noise")
 
 
-PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll",
-            "demos")  # results.json lists, one entry per task
+# results.json lists, one entry per task
+PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "demos")
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
@@ -241,12 +234,12 @@ def load_results(args):
     file, cannot be made, or holds a results.json not of ours (empty, cut off, {}) or of a run with other flags."""
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out} is a file; pass a folder (it will hold results.json and task<k>.pt).")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--out {args.out}: cannot make that folder ({e.strerror or e}); pass a writable one.")
+        raise SystemExit(f"--out {args.out} is a file; pass a folder (it will hold results.json and task<k>.pt)."
+                         if os.path.isfile(args.out) else
+                         f"--out {args.out}: cannot make that folder ({e.strerror or e}); pass a writable one.")
     fresh = {"run": run, **{k: [] for k in PER_TASK}, "task_emb": None, "seconds": {}}
     if not os.path.exists(path):
         return first_task_from(args, fresh) if args.first_task_from else fresh
@@ -294,8 +287,7 @@ def load_task_data(args, bench, k):
     path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
     split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
     read = lambda demos: data.SequenceDataset.from_hdf5(path, k, args.seq_len, demos, args.img_size, args.drop_noops)
-    train, val = read(split["train"]), read(split["val"]) if split["val"] else None
-    return train, val
+    return read(split["train"]), read(split["val"]) if split["val"] else None
 
 
 def check_data(args, bench):
@@ -350,9 +342,8 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     if os.path.exists(progress):
         saved = torch.load(progress, map_location=args.device, weights_only=True)
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
-            policy.load_state_dict(saved["policy"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
+            for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
+                obj.load_state_dict(saved[name])
             g.set_state(saved["g"])
             torch.set_rng_state(saved["rng"])
             if saved["cuda_rng"]:
@@ -384,9 +375,8 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
                     "g": g.get_state(), "rng": torch.get_rng_state(), "seconds": res["seconds"],
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, progress)
     policy.load_state_dict(st["best_state"])
-    curve, best_idx = st["curve"], st["best_idx"]
-    held = [c if i < best_idx else curve[best_idx] for i, c in enumerate(curve)]  # held at its best
-    fwt_k = None if curve[0] is None else float(np.mean(held))
+    curve, b = st["curve"], st["best_idx"]
+    fwt_k = None if curve[0] is None else float(np.mean(curve[:b] + [curve[b]] * (len(curve) - b)))  # held at its best
     return curve, fwt_k, st["curve_episodes"]
 
 
@@ -446,17 +436,15 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
     """Tasks 0..K-1 in order: learn, evaluate tasks 0..k into row k, checkpoint, then replay and pi_old."""
     use_replay = args.algo in ("er", "m2distill") and args.replay == "on"  # ER: the diff on Sequential
     memory = data.ReplayMemory(args.n_memories) if use_replay else None
-    old, vals = None, []
-    done = len(res["tasks"])
+    old, vals, done = None, [], len(res["tasks"])
     for j, k in enumerate(args.tasks):  # j: the task's place in the run, k: its LIBERO task id
         t0 = time.time()
         train, val = load_task_data(args, bench, k)
         vals.append(val)
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
-        if j < done:  # finished before the run was stopped: restore, do not redo
-            if j == done - 1:
-                policy.load_state_dict(resume_state(args, j))
-        else:
+        if j == done - 1:  # tasks finished before the run was stopped: restore the last, redo none
+            policy.load_state_dict(resume_state(args, j))
+        elif j >= done:
             tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
                        f"({len(train)} sequences)")
             curve, fwt_k, curve_episodes = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)

@@ -75,9 +75,8 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                           if stride != 1 or c_in != c_out else None)
 
     def forward(self, x):
         skip = x if self.downsample is None else self.downsample(x)
@@ -94,10 +93,9 @@ class FiLMResNetEncoder(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                   nn.MaxPool2d(3, 2, 1))
-        widths = (64, 64, 128, 128)
         self.blocks = nn.ModuleList([BasicBlock(64, 64), BasicBlock(64, 64), BasicBlock(64, 128, 2),
                                      BasicBlock(128, 128)])
-        self.film = nn.ModuleList([nn.Linear(d_lang, 2 * c) for c in widths])
+        self.film = nn.ModuleList([nn.Linear(d_lang, 2 * b.conv2.out_channels) for b in self.blocks])
         self.keypoints = nn.Conv2d(128, n_kp, 1)
         s = img_size // 8  # feature map side after the stride-2 conv, maxpool and layer2
         rows, cols = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
@@ -177,8 +175,7 @@ def augment(x, jitter=0.3, p_jitter=0.9, pad=None, generator=None):
     g = gray(y)
     y = (g + (1 + u() * on) * (y - g)).clamp(0, 1)  # saturation
     hsv = _rgb_to_hsv(y)
-    hsv = torch.cat([(hsv[:, :, :1] + u() * on) % 1.0, hsv[:, :, 1:]], 2)  # hue
-    y = _hsv_to_rgb(hsv)
+    y = _hsv_to_rgb(torch.cat([(hsv[:, :, :1] + u() * on) % 1.0, hsv[:, :, 1:]], 2))  # hue
     y = F.pad(y.flatten(1, 2), (pad,) * 4, mode="replicate")  # (B, V*3, H+2p, W+2p)
     oy, ox = (torch.randint(0, 2 * pad + 1, (2, B), generator=generator))
     rows = (oy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
@@ -415,9 +412,8 @@ def read_checkpoint(path, map_location="cpu", libero=False,
         raise ValueError(f"{path}: task_embs {tuple(embs.shape)} and task {k} do not fit d_lang "
                          f"{policy.config['d_lang']} (want (n_tasks, d_lang) and 0 <= task < n_tasks); {fix}.")
     if ckpt.get("format", 1) < 2:  # keypoints were [columns, rows]: swap the two halves of the projection's inputs
-        for c in CAMERAS:
-            w = sd[f"image_encoders.{c}.proj.weight"]
-            sd[f"image_encoders.{c}.proj.weight"] = w.roll(w.shape[1] // 2, 1)
+        for k in (f"image_encoders.{c}.proj.weight" for c in CAMERAS):
+            sd[k] = sd[k].roll(sd[k].shape[1] // 2, 1)
     return ckpt
 
 
