@@ -135,8 +135,7 @@ def check_demos(f, path, demos, img_size):
 
 @contextlib.contextmanager
 def open_task_file(path):
-    """h5py.File(path, "r"), with a file that is missing, not HDF5, truncated or unreadable turned into
-    FileNotFoundError/ValueError naming it and the fix."""
+    """h5py.File(path, "r"); a file missing, not HDF5, cut off or unreadable: FileNotFoundError/ValueError + fix."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (or not a regular file).")
     try:

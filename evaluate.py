@@ -1,17 +1,13 @@
 """evaluate.py: rollouts in the real LIBERO simulator, the success matrix, and FWT / NBT / AUC.
 
     python evaluate.py --checkpoint runs/libero_object_m2distill_s10000/task2.pt --suite libero_object
-    python evaluate.py --aggregate 'runs/*' --png table.png      # the paper-style table of many runs
+    python evaluate.py --aggregate 'runs/*' --png table.png      # the paper-style table of many runs (aggregate.py)
 
 An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with one of the
 task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the policy acts, its latent
-queue reset, until the env says `done` (success) or `max_steps`.
-
-Episodes run in `workers` processes started with `spawn`, each with its own copy of the policy (one thread, batch
-norms folded: at batch 1 and 128 px ~33 ms against ~170 ms of simulation and rendering per step) and one env,
-made lazily and kept until the task changes. A simulator that cannot start or render, or keeps failing, stops
-the evaluation (EnvError) instead of counting failures (Evaluator). Workers ignore Ctrl-C, die with the main process.
-(Rollout speed, bare simulator vs workers: `python bench.py --only e`.)"""
+queue reset, until the env says `done` (success) or `max_steps`. Episodes run in `spawn` worker processes, each
+with its own policy (one thread, batch norms folded: ~33 ms at batch 1 and 128 px against ~170 ms of simulation
+and rendering per step) and one env, kept until the task changes; a broken simulator stops them (Evaluator)."""
 import argparse
 import contextlib
 import ctypes
@@ -92,8 +88,7 @@ STOP_AFTER = 3  # tries in a row that could not run, with no episode finished be
 
 
 def episode_seed(seed, task, ep):
-    """The seed of episode `ep` of LIBERO task `task`: a function of (seed, task, ep) only, so a rollout does
-    not depend on how many workers there are or which one runs it."""
+    """The seed of episode `ep` of LIBERO task `task`, from (seed, task, ep) alone: the same in any worker."""
     return int(np.random.SeedSequence([seed, task, ep]).generate_state(1)[0])
 
 
@@ -178,16 +173,15 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
 
 
 class Evaluator:
-    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes (they live
-    until close() or the end of a `with` block).
+    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes (alive until
+    close() or the end of a `with` block).
 
-    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: the rate is successes / episodes
-    over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could
-    not run (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried
-    once in a fresh env, then left out, never counted as a failure. EnvError, and no result, when the simulator
-    cannot start or render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task
-    ran. Episode ep of task t is seeded by episode_seed(seed, t, ep) and starts from init state ep mod 50.
-    `low_eval_noise`: model.GMMHead."""
+    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: successes / episodes over the
+    1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could not run
+    (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried once in
+    a fresh env, then left out, never counted as a failure. EnvError, no result, when the simulator cannot start or
+    render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task ran. Episode
+    ep of task t is seeded by episode_seed(seed, t, ep), starts from init state ep mod 50; `low_eval_noise`: GMMHead."""
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
                  env_fn=None, seed=10000, low_eval_noise=False):

@@ -104,8 +104,7 @@ def loss_policy(out, old, n_samples=10, direction="forward", timesteps="all", ge
 
 
 def total_loss(out, old, batch, args):
-    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC).
-    Returns the total and each term, for logging."""
+    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC); (L, terms)."""
     terms = {"bc": loss_bc(out, batch["actions"])}
     if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
@@ -117,8 +116,7 @@ def total_loss(out, old, batch, args):
 
 # ----------------------------------------------------------------------------- one step
 def freeze(policy):
-    """The previous-step model pi_old: a deep copy in eval mode that takes no gradient (its batch norms
-    folded into their convs: the same outputs, a cheaper forward)."""
+    """pi_old: a deep copy in eval mode, no gradient, batch norms folded (the same outputs, a cheaper forward)."""
     return fold_batchnorm(copy.deepcopy(policy)).requires_grad_(False)
 
 
@@ -327,10 +325,9 @@ def ensure_data(args, bench):
 
 def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E, rollouts of
-    the task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one) loaded at the end.
-    After every epoch the whole training state (weights, optimizer, schedule, random streams, curve, best so far)
-    goes to <out>/progress.pt, so a run killed mid-task resumes after its last finished epoch and ends exactly as an
-    uninterrupted one would. Returns the success curve, FWT_k and the episodes each point of the curve is made of."""
+    the task at epochs 0, eval_every, ..., the best checkpoint (ties: the later) loaded at the end. Every epoch the
+    whole training state goes to <out>/progress.pt: a run killed mid-task resumes after its last finished epoch and
+    ends exactly as an uninterrupted one. Returns the success curve, FWT_k and the episodes of each curve point."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)

@@ -368,11 +368,10 @@ def read_checkpoint(path, map_location="cpu", libero=False,
     """Read and check a checkpoint, its tensors on `map_location` (a run trained on a GPU reads on a CPU-only machine).
 
     Ours, m2distill.py's task<k>.pt: dict(config, state_dict, task_embs (n_tasks, d_lang), task k, suite, algo, format),
-    returned once the state_dict fits ResNetT(**config); one older than format 2 gets its keypoint projections' inputs
-    reordered (the same function in LIBERO's keypoint order). With libero=True, LIBERO's own file (libero/lifelong/
-    utils.py torch_save_model: dict(state_dict, cfg, previous_masks), or a bare state_dict) comes back as
-    dict(libero_state_dict=...). weights_only=True throughout (LIBERO's easydict cfg is read as OrderedDicts).
-    FileNotFoundError or ValueError: one line naming the file, then `fix`."""
+    returned once the state_dict fits ResNetT(**config), one older than format 2 with its keypoint projections' inputs
+    reordered (LIBERO's keypoint order). With libero=True, LIBERO's own file (lifelong/utils.py torch_save_model:
+    dict(state_dict, cfg, previous_masks), or a bare state_dict) comes back as dict(libero_state_dict=...).
+    weights_only=True (LIBERO's easydict cfg reads as OrderedDicts). FileNotFoundError/ValueError: the file, `fix`."""
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
         raise ValueError(f"{path} is a directory; {fix} ({', '.join(found) or 'none here'}).")
