@@ -3,14 +3,16 @@
     python bench.py                                  # b: M2Distill step / ER step;  c: peak memory / uint8 images
     python bench.py --libero-dir DIR [--libero-site SITE]   # a: ours vs LIBERO's own BCTransformerPolicy
     python bench.py --results runs/<run>/results.json       # d: a finished run's time, collect / data / train / eval
+    python bench.py --only e --eval-workers 2 --max-steps 60  # e: rollout env steps/s, bare simulator vs 1 vs N workers
 
 a. runs LIBERO's unmodified policy code from a checkout outside this repository (DIR holds its
    `libero/lifelong`; SITE holds what that code imports and we do not: robomimic==0.2.0, einops,
    torchvision), with the config of its bc_transformer_policy.yaml, the same batch and threads.
    Steps of the two policies alternate, so both see the same load on the machine.
-(Rollout speed, bare simulator vs workers: `python evaluate.py --bench`.)
+e. runs the simulator, so it runs only when asked for (--only e).
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -22,7 +24,7 @@ import torch
 
 import data
 import m2distill
-from model import ResNetT
+from model import ResNetT, fold_batchnorm
 
 
 def fake_batch(B, T, img, d_lang, seed=0):
@@ -184,6 +186,65 @@ def time_split(path):
     print(f"| total | {total / 60:.1f} | |")
 
 
+class TimedPolicy:
+    """A policy that also counts the seconds spent in its get_action."""
+
+    def __init__(self, policy):
+        self.policy, self.seconds = policy, 0.0
+
+    def reset(self):
+        self.policy.reset()
+
+    def get_action(self, obs, task_emb):
+        t0 = time.time()
+        action = self.policy.get_action(obs, task_emb)
+        self.seconds += time.time() - t0
+        return action
+
+
+def rollout_speed(args):
+    """e. Env steps per second with rendering over whole episodes (reset, init state, 5 settle steps, `max_steps`
+    steps, at most 100, of a fresh policy of `img_size` px). The bare simulator's rate comes from the same
+    episodes run in this process (one torch thread, as in a worker) with the time inside get_action taken
+    out, so it simulates the very same arm motions; then the policy through 1 worker and through N workers
+    (--eval-workers), each after one warm-up round."""
+    from evaluate import N_SETTLE, Evaluator, make_env, run_episode
+    args.max_steps = min(args.max_steps, 100)
+    torch.set_num_threads(1)
+    n_eps = 2
+    embs, _ = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
+    policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
+    timed = TimedPolicy(fold_batchnorm(copy.deepcopy(policy)))  # as in a worker
+    env, init_states = make_env(args.suite, 0)
+    run_episode(env, timed, embs[0], init_states[0], 5, args.img_size)  # warm-up
+    timed.seconds, t0 = 0.0, time.time()
+    for i in range(n_eps):
+        run_episode(env, timed, embs[0], init_states[i], args.max_steps, args.img_size)
+    total = time.time() - t0
+    env.close()
+    steps = n_eps * args.max_steps
+    bare = steps / (total - timed.seconds)
+    rows = [("bare simulator (the same episodes, time in get_action removed)", bare),
+            (f"policy in this process ({args.img_size} px, {1000 * timed.seconds / steps:.0f} ms per get_action)",
+             steps / total)]
+    for n in (1, args.eval_workers):
+        ev = Evaluator(args.suite, n_eval=n_eps * n, max_steps=args.max_steps, workers=n)
+        ev(policy, [0], embs)  # warm-up: spawn, imports, env creation
+        ev.episodes.clear()
+        t0 = time.time()
+        ev(policy, [0], embs)
+        wall = time.time() - t0
+        steps = sum(e[3] for e in ev.episodes)
+        rows.append((f"{n} worker(s): per worker", steps / sum(e[4] for e in ev.episodes)))
+        if n > 1:
+            rows.append((f"{n} worker(s): all together, wall clock", steps / wall))
+        ev.close()
+    print(f"| {args.suite} task 0, episodes of reset + {N_SETTLE} settle + {args.max_steps} steps "
+          "| env steps/s | bare rate / this rate |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.2f} | {bare / rate:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--libero-dir", help="a LIBERO checkout (a.); omitted: a. is skipped")
@@ -195,7 +256,9 @@ def main():
     p.add_argument("--data-dir", default="data", help="c.: demonstrations to load (skipped when absent)")
     p.add_argument("--n-tasks", type=int, default=3)
     p.add_argument("--results", help="d.: a results.json to split into collect / data / train / eval time")
-    p.add_argument("--only", choices=["a", "b", "c", "d"], help="run one measurement")
+    p.add_argument("--eval-workers", type=int, default=os.cpu_count(), help="e.: N, the most workers measured")
+    p.add_argument("--max-steps", type=int, default=100, help="e.: policy steps per episode (at most 100)")
+    p.add_argument("--only", choices=["a", "b", "c", "d", "e"], help="run one measurement (e. runs only so)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if args.only in (None, "a") and args.libero_dir:
@@ -209,6 +272,8 @@ def main():
             print(f"\n(c. skipped: no {args.data_dir}/{args.suite}; pass --data-dir)")
     if args.only in (None, "d") and args.results:
         time_split(args.results)
+    if args.only == "e":
+        rollout_speed(args)
 
 
 if __name__ == "__main__":

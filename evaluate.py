@@ -1,21 +1,16 @@
 """evaluate.py: rollouts in the real LIBERO simulator, the success matrix, and FWT / NBT / AUC.
 
     python evaluate.py --checkpoint runs/libero_object_m2distill_s10000/task2.pt --suite libero_object
-    python evaluate.py --bench                         # env steps/s: bare simulator vs 1 vs N workers
+    python evaluate.py --aggregate 'runs/*' --png table.png      # the paper-style table of many runs (aggregate.py)
 
-An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with
-one of the task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the
-policy acts, its latent queue reset, until the env says `done` (success) or `max_steps`.
-
-Episodes run in `workers` processes started with `spawn`. Each worker holds its own copy of the
-policy (one thread, batch norms folded: inference at batch 1 and 128 px costs ~33 ms here against
-~170 ms of simulation and rendering per step)
-and creates its env lazily, keeping one env per worker until the task changes. A simulator that cannot
-start or render, or keeps failing, stops the evaluation (EnvError) instead of counting failures (see
-Evaluator). Workers ignore Ctrl-C and die with the main process.
-"""
+An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with one of the
+task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the policy acts, its latent
+queue reset, until the env says `done` (success) or `max_steps`. Episodes run in `spawn` worker processes, each
+with its own policy (one thread, batch norms folded: ~33 ms at batch 1 and 128 px against ~170 ms of simulation
+and rendering per step) and one env, kept until the task changes; a broken simulator stops them (Evaluator)."""
 import argparse
-import copy
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -77,13 +72,11 @@ def run_episode(env, policy, task_emb, init_state, max_steps, img_size, frames=N
 def write_video(path, frames, fps=20):
     """MP4 through OpenCV (installed with LIBERO), written to a temp name then renamed."""
     import cv2
-    h, w = frames[0].shape[:2]
-    tmp = path + ".tmp.mp4"
-    out = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    out = cv2.VideoWriter(path + ".tmp.mp4", cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[1::-1])  # (W, H)
     for f in frames:
         out.write(np.ascontiguousarray(f[..., ::-1]))  # RGB -> BGR
     out.release()
-    os.replace(tmp, path)
+    os.replace(path + ".tmp.mp4", path)
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -95,8 +88,7 @@ STOP_AFTER = 3  # tries in a row that could not run, with no episode finished be
 
 
 def episode_seed(seed, task, ep):
-    """The seed of episode `ep` of LIBERO task `task`: a function of (seed, task, ep) only, so a rollout does
-    not depend on how many workers there are or which one runs it."""
+    """The seed of episode `ep` of LIBERO task `task`, from (seed, task, ep) alone: the same in any worker."""
     return int(np.random.SeedSequence([seed, task, ep]).generate_state(1)[0])
 
 
@@ -115,11 +107,8 @@ def renderer_problem(error):
 def _end_with_parent(parent_pid):
     """The kernel kills this worker when its parent dies (Linux PR_SET_PDEATHSIG); elsewhere, and if the
     parent died already, a thread that checks the parent's pid every second ends it."""
-    try:
-        import ctypes
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
     def watch():
         while os.getppid() == parent_pid:
@@ -144,11 +133,9 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
         except (EOFError, OSError):
             break  # the main process is gone
         if msg[0] == "policy":
-            policy = ResNetT(**msg[1])
+            policy, task_embs = ResNetT(**msg[1]), msg[3]
             policy.load_state_dict(msg[2])
-            fold_batchnorm(policy)  # inference only: the same outputs, ~10% less time
-            policy.head.low_eval_noise = low_eval_noise
-            task_embs = msg[3]
+            fold_batchnorm(policy).head.low_eval_noise = low_eval_noise  # folded: the same outputs, ~10% less time
             continue
         kind, task, ep, call = msg
         try:
@@ -156,8 +143,7 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
                 if env is not None:
                     env.close()
                 env, env_task = None, None
-                env, init_states = env_fn(suite, task)
-                env_task = task
+                (env, init_states), env_task = env_fn(suite, task), task
             if kind == "check":  # the simulator starts and renders
                 env.reset()
                 env.set_init_state(init_states[0])
@@ -177,10 +163,8 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
                 result = (task, ep, success, steps, seconds, None)
         except Exception:
             result = (task, ep, False, 0, 0.0, traceback.format_exc())
-            try:
+            with contextlib.suppress(Exception):
                 env.close()
-            except Exception:
-                pass
             env, env_task = None, None  # a fresh env for the next episode
         try:
             conn.send(result)
@@ -189,16 +173,15 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
 
 
 class Evaluator:
-    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes.
+    """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes (alive until
+    close() or the end of a `with` block).
 
-    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: the rate is successes /
-    episodes over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An
-    episode that could not run (the env raised; the worker died, or hung for `episode_timeout` s, default
-    300 + 2 max_steps) is retried once in a fresh env, then left out, never counted as a failure. EnvError,
-    and no result, when the simulator cannot start or render (check), after STOP_AFTER tries in a row that
-    could not run, or when no episode of a task ran. Episode ep of task t is seeded by episode_seed(seed, t,
-    ep) and starts from init state ep mod 50. `low_eval_noise`: model.GMMHead. Workers live until close().
-    """
+    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: successes / episodes over the
+    1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could not run
+    (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried once in
+    a fresh env, then left out, never counted as a failure. EnvError, no result, when the simulator cannot start or
+    render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task ran. Episode
+    ep of task t is seeded by episode_seed(seed, t, ep), starts from init state ep mod 50; `low_eval_noise`: GMMHead."""
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
                  env_fn=None, seed=10000, low_eval_noise=False):
@@ -208,8 +191,8 @@ class Evaluator:
         self.timeout = episode_timeout or 300 + 2 * max_steps
         self.ctx = mp.get_context("spawn")
         self.procs, self.conns, self.policy_msg = [None] * self.n_workers, [None] * self.n_workers, None
-        self.errors, self.episodes, self.calls = [], [], 0  # problems; (task, ep, success, steps, s) per episode
-        self.checked = False
+        # errors: problems; episodes: (task, ep, success, steps, seconds) per episode that ran
+        self.errors, self.episodes, self.calls, self.checked = [], [], 0, False
         if video_dir:
             os.makedirs(video_dir, exist_ok=True)
 
@@ -269,30 +252,22 @@ class Evaluator:
         busy, wins, ran, streak = {}, {t: 0 for t in task_ids}, {t: 0 for t in task_ids}, 0
         try:
             while todo or busy:
-                for i in range(self.n_workers):
-                    if i not in busy and todo:
-                        job = todo.pop(0)
-                        try:
-                            self.conns[i].send(("episode", job[0], job[1], self.calls))
-                        except OSError:
-                            pass  # a dead worker: found below
-                        busy[i] = (job, time.time())
+                for i in [i for i in range(self.n_workers) if i not in busy][:len(todo)]:
+                    busy[i] = (todo.pop(0), time.time())
+                    with contextlib.suppress(OSError):  # a dead worker: found below
+                        self.conns[i].send(("episode", *busy[i][0][:2], self.calls))
                 ready = wait([self.conns[i] for i in busy], timeout=1.0)
                 for i in list(busy):
                     (task, ep, tries), t0 = busy[i]
                     reply, problem = None, None
                     if self.conns[i] in ready:
-                        try:
+                        with contextlib.suppress(EOFError, OSError):
                             reply = self.conns[i].recv()
-                            problem = reply[5]
-                        except (EOFError, OSError):
-                            problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
-                    elif not self.procs[i].is_alive():
-                        problem = f"worker {i} died (exit code {self.procs[i].exitcode})"
-                    elif time.time() - t0 > self.timeout:
+                    elif self.procs[i].is_alive():
+                        if time.time() - t0 <= self.timeout:
+                            continue
                         problem = f"worker {i} hung for more than {self.timeout:.0f} s"
-                    else:
-                        continue
+                    problem = reply[5] if reply else problem or f"worker {i} died (exit code {self.procs[i].exitcode})"
                     del busy[i]
                     if problem is None:
                         wins[task], ran[task], streak = wins[task] + reply[2], ran[task] + 1, 0
@@ -329,6 +304,12 @@ class Evaluator:
             if p is not None:
                 self._kill(i)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # `with Evaluator(...) as ev:` closes it however the block ends
+        self.close()
+
 
 # ----------------------------------------------------------------------------- LIBERO's metrics
 def lifelong_metrics(conf_mat, fwt_k):
@@ -342,8 +323,7 @@ def lifelong_metrics(conf_mat, fwt_k):
         NBT_k = 1/(K-k) sum_{tau=k+1}^{K} (c_{k,k} - c_{tau,k}),   NBT = 1/(K-1) sum_{k=1}^{K-1} NBT_k
         AUC_k = 1/(K-k+1) (FWT_k + sum_{tau=k+1}^{K} c_{tau,k}),  AUC = (1/K) sum_k AUC_k
 
-    NBT is averaged over k < K only (the last task has no later task to forget it); with K = 1 it is None.
-    """
+    NBT is averaged over k < K only (the last task has no later task to forget it); with K = 1 it is None."""
     K = len(fwt_k)
     c = np.full((K, K), np.nan)
     for k, row in enumerate(conf_mat):
@@ -354,149 +334,48 @@ def lifelong_metrics(conf_mat, fwt_k):
             "auc": float(np.mean(auc_k))}
 
 
+@contextlib.contextmanager
+def write_png(path, dpi, **subplots):
+    """matplotlib's subplots(**subplots) -> (fig, axes), off-screen; the PNG `path` is written atomically at the end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(**subplots)
+    yield fig, axes
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def draw_matrix(ax, c, labels, texts, fontsize, label_size=None):
+    """A success matrix c (K, K) (NaN: no value) on `ax`: rows after learning task k, columns the evaluated
+    task, both labelled `labels`; texts {(k, tau): the cell's text}."""
+    ax.imshow(c, vmin=0, vmax=1, cmap="viridis")
+    for (k, tau), text in texts.items():
+        ax.text(tau, k, text, ha="center", va="center", fontsize=fontsize, color="k" if c[k, tau] >= 0.6 else "w")
+    ax.set_xticks(range(len(c)), labels)
+    ax.set_yticks(range(len(c)), labels)
+    ax.set_xlabel("evaluated task", fontsize=label_size)
+    ax.set_ylabel("after learning task", fontsize=label_size)
+
+
 def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None, episodes=None):
     """The success matrix as a PNG heatmap (rows: after learning the k-th task; columns: evaluated task), the
     metrics and the episodes per cell (`episodes`, the same shape as conf_mat) in the title; `task_ids` label
     the tasks on the axes with their LIBERO ids (default 0..K-1). Sized to stay readable from 1 to 10 tasks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     K = len(conf_mat)
-    c = np.full((K, K), np.nan)
-    for k, row in enumerate(conf_mat):
-        c[k, :len(row)] = [np.nan if v is None else v for v in row]
-    side = max(3.0, 0.6 * K)  # inches of the matrix; at least room for the title
-    fig, ax = plt.subplots(figsize=(side + 1.4, side + 1.6))
-    ax.imshow(c, vmin=0, vmax=1, cmap="viridis")
-    for k in range(K):
-        for tau in range(len(conf_mat[k])):
-            ax.text(tau, k, "n/a" if np.isnan(c[k, tau]) else f"{c[k, tau]:.2f}", ha="center", va="center",
-                    fontsize=9, color="w" if np.isnan(c[k, tau]) or c[k, tau] < 0.6 else "k")
-    labels = [str(t) for t in (task_ids or range(K))]
-    ax.set_xticks(range(K), labels)
-    ax.set_yticks(range(K), labels)
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("after learning task")
+    c = np.array([list(row) + [None] * (K - len(row)) for row in conf_mat], dtype=float)  # (K, K), None: NaN
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = textwrap.wrap(title, 40) + [f"FWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}"]
     counts = sorted({n for row in (episodes or []) for n in row})
     if counts:
         lines.append(f"{counts[0]}{'' if len(counts) == 1 else f'-{counts[-1]}'} episodes per cell")
-    ax.set_title("\n".join(lines), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
-# ----------------------------------------------------------------------------- many runs: the paper's table
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-
-
-def mean_ci(xs):
-    """Mean and 95% Student-t interval over seeds, (mean, lo, hi); None values are left out; n = 1 gives
-    no interval (lo = hi = None). t quantiles are tabulated up to 15 seeds, then 1.96 (normal)."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None, None
-    m = float(np.mean(xs))
-    if len(xs) < 2:
-        return m, None, None
-    h = (T975[len(xs) - 2] if len(xs) - 2 < len(T975) else 1.96) * float(np.std(xs, ddof=1)) / np.sqrt(len(xs))
-    return m, m - h, m + h
-
-
-def wilson(successes, n, z=1.96):
-    """Wilson score interval (lo, hi) of a success rate from `successes` of `n` episodes (95% for z=1.96)."""
-    if n == 0:
-        return None, None
-    p = successes / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
-
-
-def aggregate(pattern, png=None):
-    """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
-
-    Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ
-    between groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds; the success matrix
-    pooled over seeds (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting
-    (mean over k < K of nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Returns the
-    groups; prints the markdown table; writes `png` (metrics with intervals beside the mean matrices)."""
-    import glob
-    import json
-    paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
-    runs = [json.load(open(p)) for p in paths if os.path.exists(p)]
-    if not runs:
-        raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
-    keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
-    varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs}) > 1 and k != "algo"]
-    groups = {}
-    for p, r in zip(paths, runs):
-        label = " ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying])
-        groups.setdefault(label, []).append(r)
-    rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
-    fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
-    for label, rs in groups.items():
-        K = max(len(r["success"]) for r in rs)
-        succ, n = np.zeros((K, K)), np.zeros((K, K))
-        for r in rs:
-            for k, row in enumerate(r["success"]):
-                for t, c in enumerate(row):
-                    e = (r.get("episodes") or [[r["run"]["n_eval"]] * len(x) for x in r["success"]])[k][t]
-                    succ[k, t] += round(c * e) if c is not None else 0
-                    n[k, t] += e if c is not None else 0
-        forget = [np.mean([r["nll"][-1][k] - r["nll"][k][k] for k in range(len(r["nll"]) - 1)])
-                  if r.get("nll") and None not in r["nll"] and len(r["nll"]) > 1 else None for r in rs]
-        g = {m: mean_ci([(r.get("metrics") or {}).get(m) for r in rs]) for m in ("fwt", "nbt", "auc")}
-        g.update(nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs], successes=succ, episodes=n,
-                 task_ids=max((r.get("task_ids") or list(range(len(r["success"]))) for r in rs), key=len))
-        out[label] = g
-        rows.append(f"| {label} | {len(rs)} | " + " | ".join(fmt(*g[m]) for m in ("fwt", "nbt", "auc", "nll_forgetting"))
-                    + " |")
-    print("\n".join(rows))
-    if png:
-        plot_aggregate(out, png)
-    return out
-
-
-def plot_aggregate(groups, path):
-    """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    G = len(groups)
-    fig, axes = plt.subplots(1, G + 1, figsize=(4 + 3.2 * G, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    for i, (label, g) in enumerate(groups.items()):
-        for j, m in enumerate(("fwt", "nbt", "auc")):
-            mean, lo, hi = g[m]
-            if mean is not None:
-                err = None if lo is None else [[mean - lo], [hi - mean]]
-                ax.bar(j + i / (G + 1), mean, 1 / (G + 1), yerr=err, capsize=3, color=f"C{i}",
-                       label=label if j == 0 else None)
-    ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
-    ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
-    for a, (label, g) in zip(axes[0, 1:], groups.items()):
-        rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
-        a.imshow(rate, vmin=0, vmax=1, cmap="viridis")
-        for k in range(len(rate)):
-            for t in range(k + 1):
-                lo, hi = wilson(g["successes"][k, t], g["episodes"][k, t])
-                if lo is not None:
-                    a.text(t, k, f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]", ha="center", va="center", fontsize=6,
-                           color="w" if rate[k, t] < 0.6 else "k")
-        a.set_xticks(range(len(rate)), g["task_ids"])
-        a.set_yticks(range(len(rate)), g["task_ids"])
-        a.set_title(f"{label}\n({len(g['seeds'])} seeds, Wilson 95%)", fontsize=7)
-        a.set_xlabel("evaluated task", fontsize=7)
-        a.set_ylabel("after learning task", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    side = max(3.0, 0.6 * K)  # inches of the matrix; at least room for the title
+    with write_png(path, 100, figsize=(side + 1.4, side + 1.6)) as (fig, ax):
+        draw_matrix(ax, c, [str(t) for t in (task_ids or range(K))], {(k, tau): "n/a" if np.isnan(c[k, tau]) else
+                    f"{c[k, tau]:.2f}" for k in range(K) for tau in range(len(conf_mat[k]))}, 9)
+        ax.set_title("\n".join(lines), fontsize=9)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -510,68 +389,9 @@ def load_policy(path):
     return policy.eval(), ckpt["task_embs"], ckpt.get("suite"), ckpt.get("tasks", list(range(ckpt["task"] + 1)))
 
 
-class TimedPolicy:
-    """A policy that also counts the seconds spent in its get_action."""
-
-    def __init__(self, policy):
-        self.policy, self.seconds = policy, 0.0
-
-    def reset(self):
-        self.policy.reset()
-
-    def get_action(self, obs, task_emb):
-        t0 = time.time()
-        action = self.policy.get_action(obs, task_emb)
-        self.seconds += time.time() - t0
-        return action
-
-
-def bench(args):
-    """Env steps per second with rendering over whole episodes (reset, init state, 5 settle steps,
-    `max_steps` steps of a fresh policy). The bare simulator's rate comes from the same episodes run in
-    this process (one torch thread, as in a worker) with the time inside get_action taken out, so it
-    simulates the very same arm motions; then the policy through 1 worker and through N workers, each
-    after one warm-up round."""
-    from model import ResNetT, fold_batchnorm
-    torch.set_num_threads(1)
-    n_eps = 2
-    embs, _ = data.task_embeddings([data.suite_benchmark(args.suite).get_task(0).language], "hash")
-    policy = ResNetT(d_lang=embs.shape[1], img_size=args.img_size)
-    timed = TimedPolicy(fold_batchnorm(copy.deepcopy(policy)))  # as in a worker
-    env, init_states = make_env(args.suite, 0)
-    run_episode(env, timed, embs[0], init_states[0], 5, args.img_size)  # warm-up
-    timed.seconds, t0 = 0.0, time.time()
-    for i in range(n_eps):
-        run_episode(env, timed, embs[0], init_states[i], args.max_steps, args.img_size)
-    total = time.time() - t0
-    env.close()
-    steps = n_eps * args.max_steps
-    bare = steps / (total - timed.seconds)
-    rows = [("bare simulator (the same episodes, time in get_action removed)", bare),
-            (f"policy in this process ({args.img_size} px, {1000 * timed.seconds / steps:.0f} ms per get_action)",
-             steps / total)]
-    for n in (1, args.eval_workers):
-        ev = Evaluator(args.suite, n_eval=n_eps * n, max_steps=args.max_steps, workers=n)
-        ev(policy, [0], embs)  # warm-up: spawn, imports, env creation
-        ev.episodes.clear()
-        t0 = time.time()
-        ev(policy, [0], embs)
-        wall = time.time() - t0
-        steps = sum(e[3] for e in ev.episodes)
-        rows.append((f"{n} worker(s): per worker", steps / sum(e[4] for e in ev.episodes)))
-        if n > 1:
-            rows.append((f"{n} worker(s): all together, wall clock", steps / wall))
-        ev.close()
-    print(f"| {args.suite} task 0, episodes of reset + {N_SETTLE} settle + {args.max_steps} steps "
-          "| env steps/s | bare rate / this rate |\n|---|---|---|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:.2f} | {bare / rate:.2f} |")
-
-
 def cli(main):
-    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) is printed in short
-    lines, without a traceback, exit status 1; Ctrl-C ends with one line, exit status 130 (the workers are
-    ended by the Evaluator's close; work finished before stays on disk)."""
+    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) prints as short lines, no
+    traceback, exit status 1; Ctrl-C: one line, exit status 130 (the Evaluator ends the workers; work done stays)."""
     try:
         main()
     except KeyboardInterrupt:
@@ -586,10 +406,19 @@ def cli(main):
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def exits(prefix=""):
+    """The one-line FileNotFoundError/ValueError of a check (data.py, model.py) -> SystemExit(prefix + it)."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(prefix + str(e)) from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
-    p.add_argument("--suite", default=None, help="default: the checkpoint's suite (libero_object for --bench)")
+    p.add_argument("--suite", default=None, help="default: the checkpoint's suite")
     p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: the tasks the checkpoint has learned, 0..k for task<k>.pt)")
     p.add_argument("--n-eval", type=int, default=20, help="episodes per task")
     p.add_argument("--max-steps", type=int, default=600)
@@ -598,40 +427,28 @@ def main(argv=None):
     p.add_argument("--low-eval-noise", action="store_true",
                    help="LIBERO's GMMHead option: act with the drawn mode's mean (min std), not a full sample")
     p.add_argument("--video-dir", help="write an MP4 of every episode here")
-    p.add_argument("--bench", action="store_true", help="measure env steps/s (bare vs 1 vs N workers)")
-    p.add_argument("--img-size", type=int, default=128, help="--bench: image side of the fresh policy")
     p.add_argument("--aggregate", metavar="GLOB", help="print the paper-style table of these runs (e.g. 'runs/*')")
     p.add_argument("--png", help="--aggregate: also draw the metrics and mean matrices here")
     args = p.parse_args(argv)
-    if args.aggregate:
-        return aggregate(args.aggregate, args.png)
-    if args.bench:
-        args.suite = args.suite or "libero_object"
-        args.max_steps = min(args.max_steps, 100)
-        return bench(args)
+    if args.aggregate:  # many runs' table: aggregate.py (nothing in a run needs it)
+        return __import__("aggregate").aggregate(args.aggregate, args.png)
     if not args.checkpoint:
-        p.error("--checkpoint is required (or --bench)")
-    try:
+        p.error("--checkpoint is required (or --aggregate)")
+    with exits("--checkpoint "):
         policy, embs, suite, learned = load_policy(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--checkpoint {e}") from None
     args.suite = args.suite or suite
-    n = data.suite_benchmark(args.suite).get_num_tasks()
+    bench = data.suite_benchmark(args.suite)
+    n = bench.get_num_tasks()
     tasks = args.tasks or [t for t in learned if t < n]
     bad = [t for t in tasks if not 0 <= t < min(n, len(embs))]
     if bad:
         raise SystemExit(f"--tasks {bad}: {args.suite} has tasks 0..{n - 1}, the checkpoint embeds {len(embs)}.")
-    ev = Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir, seed=args.seed,
-                   low_eval_noise=args.low_eval_noise)
-    try:
-        ev.check(tasks[0])
-        rates = ev(policy, tasks, embs)
-    finally:
-        ev.close()
-    bench_ = data.suite_benchmark(args.suite)
+    with Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir, seed=args.seed,
+                   low_eval_noise=args.low_eval_noise) as ev:
+        rates = ev(policy, tasks, embs)  # the simulator is checked first (Evaluator.check)
     print("| task | instruction | success | episodes |\n|---|---|---|---|")
     for t in tasks:
-        print(f"| {t} | {bench_.get_task(t).language} | {rates[t][0]:.2f} | {rates[t][1]} |")
+        print(f"| {t} | {bench.get_task(t).language} | {rates[t][0]:.2f} | {rates[t][1]} |")
     print(f"| mean | | {np.mean([r for r, _ in rates.values()]):.2f} | {sum(n for _, n in rates.values())} |")
 
 

@@ -11,8 +11,7 @@ while learning task k+1 M2Distill keeps pi_theta close to pi_old through four te
     L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy
 
 Sequential trains on L_BC alone; ER adds replayed past sequences to every batch; M2Distill is ER
-plus the four distillation terms (SPEC.md sections 3-5).
-"""
+plus the four distillation terms (SPEC.md sections 3-5)."""
 import argparse
 import copy
 import json
@@ -96,9 +95,8 @@ def loss_policy(out, old, n_samples=10, direction="forward", timesteps="all", ge
     step that acts at inference). N = `n_samples`. The samples carry no gradient, so for the reverse
     direction the gradient E_q[(1 + log q - log p) grad log q] is restored by a score-function term.
     """
-    pick = (lambda x: x) if timesteps == "all" else (lambda x: x[:, -1:])
-    new_p = [pick(out[k]) for k in ("means", "stds", "logits")]  # (B, T', M, D), (B, T', M, D), (B, T', M)
-    old_p = [pick(old[k]) for k in ("means", "stds", "logits")]
+    t = slice(None) if timesteps == "all" else slice(-1, None)
+    new_p, old_p = ([o[k][:, t] for k in ("means", "stds", "logits")] for o in (out, old))  # (B,T',M,D) x2, (B,T',M)
     if direction == "forward":
         a = gmm_sample(*old_p, n_samples, generator)  # (N, B, T', D)
         return (gmm_log_prob(*old_p, a) - gmm_log_prob(*new_p, a)).mean()
@@ -110,26 +108,20 @@ def loss_policy(out, old, n_samples=10, direction="forward", timesteps="all", ge
 
 
 def total_loss(out, old, batch, args):
-    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC).
-    Returns the total and each term, for logging."""
+    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC); (L, terms)."""
     terms = {"bc": loss_bc(out, batch["actions"])}
     if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
-        lambdas = {"image": args.lambda_image, "text": args.lambda_text, "extra": args.lambda_extra,
-                   "policy": args.lambda_policy}
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
                "policy": lambda o, p: loss_policy(o, p, args.kl_samples, args.kl_direction, args.kl_timesteps)}
-        terms.update({k: lambdas[k] * fns[k](out, old) for k in fns if lambdas[k] > 0})  # lambda 0: term off
+        lam = {k: getattr(args, f"lambda_{k}") for k in fns}
+        terms.update({k: lam[k] * f(out, old) for k, f in fns.items() if lam[k] > 0})  # lambda 0: term off
     return sum(terms.values()), terms
 
 
 # ----------------------------------------------------------------------------- one step
 def freeze(policy):
-    """The previous-step model pi_old: a deep copy in eval mode that takes no gradient (its batch norms
-    folded into their convs: the same outputs, a cheaper forward)."""
-    old = fold_batchnorm(copy.deepcopy(policy))
-    for p in old.parameters():
-        p.requires_grad_(False)
-    return old
+    """pi_old: a deep copy in eval mode, no gradient, batch norms folded (the same outputs, a cheaper forward)."""
+    return fold_batchnorm(copy.deepcopy(policy)).requires_grad_(False)
 
 
 def to_device(batch, task_embs, device):
@@ -140,9 +132,7 @@ def to_device(batch, task_embs, device):
 def make_batch(dataset, idx, memory, batch_size, generator=None):
     """The current task's sequences `idx`; with replay, plus `batch_size` sequences from the memory (ER)."""
     batch = dataset.batch(idx)
-    if memory is not None and len(memory):
-        batch = data.cat_batches([batch, memory.sample(batch_size, generator)])
-    return batch
+    return data.cat_batches([batch, memory.sample(batch_size, generator)]) if memory else batch  # no or an empty memory
 
 
 def train_step(policy, old, batch, opt, args):
@@ -192,9 +182,8 @@ def save_checkpoint(policy, task_embs, args, j, path, task_emb=None):
 
 
 def save_torch(obj, path):
-    """torch.save, atomically. A full disk (OSError, or the RuntimeError of torch's zip writer) leaves no .tmp
-    behind and stops the run with one line naming the path and the free space; the finished tasks stay
-    (results.json is written after their checkpoint)."""
+    """torch.save, atomically. A full disk (OSError, or the RuntimeError of torch's zip writer) leaves no .tmp and
+    stops the run with one line naming the path and free space; finished tasks stay (results.json follows the .pt)."""
     try:
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -221,14 +210,11 @@ def check_room(policy, task_embs, args):
 
 
 def resume_state(args, j):
-    """The weights after the run's j-th task, from <out>/task<j>.pt, on --device (a run trained on a GPU resumes
-    on a CPU)."""
-    try:
+    """The weights after the run's j-th task, <out>/task<j>.pt, on --device (a GPU-trained run resumes on a CPU)."""
+    with rollouts.exits():
         return read_checkpoint(os.path.join(args.out, f"task{j}.pt"), args.device, fix=(
             f"results.json in --out records task {j} as finished, so resuming needs it: restore it, or pass another "
             "--out to start over"))["state_dict"]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
 
 
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
@@ -237,26 +223,25 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
              "init_from", "drop_noops", "low_eval_noise")
 
 
-PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll",
-            "demos")  # results.json lists, one entry per task
+# results.json lists, one entry per task
+PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "demos")
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
 
 
 def load_results(args):
-    """The results of an earlier run in --out with the same flags (resume), or a fresh record (started from
-    another run's first task with --first-task-from); the --out folder is made. SystemExit naming --out
-    and the fix if it is a file, cannot be made, or holds a results.json that is not a record of ours
-    (empty, cut off, {}) or one of a run with other flags."""
+    """The results of an earlier run in --out with the same flags (resume), or a fresh record (started from another
+    run's first task with --first-task-from); makes the --out folder. SystemExit naming --out and the fix if it is a
+    file, cannot be made, or holds a results.json not of ours (empty, cut off, {}) or of a run with other flags."""
     path = os.path.join(args.out, "results.json")
     run = {k: getattr(args, k) for k in RUN_FLAGS}
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out} is a file; pass a folder (it will hold results.json and task<k>.pt).")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--out {args.out}: cannot make that folder ({e.strerror or e}); pass a writable one.")
+        raise SystemExit(f"--out {args.out} is a file; pass a folder (it will hold results.json and task<k>.pt)."
+                         if os.path.isfile(args.out) else
+                         f"--out {args.out}: cannot make that folder ({e.strerror or e}); pass a writable one.")
     fresh = {"run": run, **{k: [] for k in PER_TASK}, "task_emb": None, "seconds": {}}
     if not os.path.exists(path):
         return first_task_from(args, fresh) if args.first_task_from else fresh
@@ -291,10 +276,8 @@ def first_task_from(args, res):
     if diff or not other["tasks"]:
         raise SystemExit(f"--first-task-from {src}: " + (f"that run has other flags ({', '.join(diff)})" if diff
                          else "that run has not finished its first task") + "; train the first task here instead.")
-    try:
+    with rollouts.exits(f"--first-task-from {src}: "):
         ckpt = read_checkpoint(os.path.join(src, "task0.pt"), fix="train the first task here instead")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--first-task-from {src}: {e}") from None
     save_torch(ckpt, os.path.join(args.out, "task0.pt"))
     res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src, task_emb=other.get("task_emb"))
     return res
@@ -306,8 +289,7 @@ def load_task_data(args, bench, k):
     path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
     split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
     read = lambda demos: data.SequenceDataset.from_hdf5(path, k, args.seq_len, demos, args.img_size, args.drop_noops)
-    train, val = read(split["train"]), read(split["val"]) if split["val"] else None
-    return train, val
+    return read(split["train"]), read(split["val"]) if split["val"] else None
 
 
 def check_data(args, bench):
@@ -318,10 +300,8 @@ def check_data(args, bench):
     for k in args.tasks:
         path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
         if os.path.exists(path):
-            try:
+            with rollouts.exits():
                 split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
-            except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(str(e)) from None
             if len(split["train"]) < args.n_demos:
                 print(f"{path}: {split['total']} demos, {len(split['val'])} held out: task {k} trains on "
                       f"{len(split['train'])}, not --n-demos {args.n_demos}.", flush=True)
@@ -348,12 +328,10 @@ def ensure_data(args, bench):
 
 
 def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
-    """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E,
-    rollouts of the task at epochs 0, eval_every, ..., and the best checkpoint (ties go to the later one)
-    loaded at the end. After every epoch the whole training state (weights, optimizer, schedule, random
-    streams, curve, best so far) goes to <out>/progress.pt, so a run killed mid-task resumes from its last
-    finished epoch and ends exactly as an uninterrupted one would. Returns the success curve, FWT_k and
-    the episodes each point of the curve is made of."""
+    """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E, rollouts of
+    the task at epochs 0, eval_every, ..., the best checkpoint (ties: the later) loaded at the end. Every epoch the
+    whole training state goes to <out>/progress.pt: a run killed mid-task resumes after its last finished epoch and
+    ends exactly as an uninterrupted one. Returns the success curve, FWT_k and the episodes of each curve point."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
@@ -365,9 +343,8 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     if os.path.exists(progress):
         saved = torch.load(progress, map_location=args.device, weights_only=True)
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
-            policy.load_state_dict(saved["policy"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
+            for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
+                obj.load_state_dict(saved[name])
             g.set_state(saved["g"])
             torch.set_rng_state(saved["rng"])
             if saved["cuda_rng"]:
@@ -399,9 +376,8 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
                     "g": g.get_state(), "rng": torch.get_rng_state(), "seconds": res["seconds"],
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, progress)
     policy.load_state_dict(st["best_state"])
-    curve, best_idx = st["curve"], st["best_idx"]
-    held = [c if i < best_idx else curve[best_idx] for i, c in enumerate(curve)]  # held at its best
-    fwt_k = None if curve[0] is None else float(np.mean(held))
+    curve, b = st["curve"], st["best_idx"]
+    fwt_k = None if curve[0] is None else float(np.mean(curve[:b] + [curve[b]] * (len(curve) - b)))  # held at its best
     return curve, fwt_k, st["curve_episodes"]
 
 
@@ -435,25 +411,15 @@ def run(args, evaluate=None):
             return res
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
-        try:
+        with rollouts.exits("--init-from "):
             init_from(policy, args.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--init-from {e}") from None
-    evaluator = None
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
-        evaluator = rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers,
-                                       os.path.join(args.out, "videos") if args.videos else None,
-                                       seed=args.seed, low_eval_noise=args.low_eval_noise)
-        evaluate = lambda policy, ids: evaluator(policy, ids, task_embs)
-    elif evaluate is None:
-        evaluate = lambda policy, ids: {i: (None, 0) for i in ids}  # --n-eval 0: success is not measured
-    try:
-        if evaluator is not None:
-            evaluator.check(args.tasks[0])  # the simulator renders: checked before any training
-        return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
-    finally:
-        if evaluator is not None:
-            evaluator.close()
+        with rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, os.path.join(
+                args.out, "videos") if args.videos else None, seed=args.seed, low_eval_noise=args.low_eval_noise) as ev:
+            ev.check(args.tasks[0])  # the simulator renders: checked before any training
+            return lifelong(args, bench, policy, task_embs, timed(lambda p, ids: ev(p, ids, task_embs), res), res)
+    evaluate = evaluate or (lambda policy, ids: {i: (None, 0) for i in ids})  # --n-eval 0: success is not measured
+    return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
 
 
 def timed(evaluate, res):
@@ -471,17 +437,15 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
     """Tasks 0..K-1 in order: learn, evaluate tasks 0..k into row k, checkpoint, then replay and pi_old."""
     use_replay = args.algo in ("er", "m2distill") and args.replay == "on"  # ER: the diff on Sequential
     memory = data.ReplayMemory(args.n_memories) if use_replay else None
-    old, vals = None, []
-    done = len(res["tasks"])
+    old, vals, done = None, [], len(res["tasks"])
     for j, k in enumerate(args.tasks):  # j: the task's place in the run, k: its LIBERO task id
         t0 = time.time()
         train, val = load_task_data(args, bench, k)
         vals.append(val)
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
-        if j < done:  # finished before the run was stopped: restore, do not redo
-            if j == done - 1:
-                policy.load_state_dict(resume_state(args, j))
-        else:
+        if j == done - 1:  # tasks finished before the run was stopped: restore the last, redo none
+            policy.load_state_dict(resume_state(args, j))
+        elif j >= done:
             tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
                        f"({len(train)} sequences)")
             curve, fwt_k, curve_episodes = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
@@ -556,10 +520,8 @@ def parse_args(argv=None):
       help="LIBERO's GMMHead option: rollouts act with the drawn mode's mean (min std), not a full sample")
     a("--n-memories", type=int, default=1000, help="ER: sequences kept per past task")
     a("--replay", default="on", choices=["on", "off"], help="M2Distill/ER: mix replayed sequences into batches")
-    a("--lambda-image", type=float, default=1.0, help="weight of L_image (0 switches it off)")
-    a("--lambda-text", type=float, default=1.0, help="weight of L_text (0 switches it off)")
-    a("--lambda-extra", type=float, default=1.0, help="weight of L_extra (0 switches it off)")
-    a("--lambda-policy", type=float, default=1.0, help="weight of L_policy (0 switches it off)")
+    for m in ("image", "text", "extra", "policy"):
+        a(f"--lambda-{m}", type=float, default=1.0, help=f"weight of L_{m} (0 switches it off)")
     a("--kl-samples", type=int, default=10, help="Monte Carlo samples N in L_policy")
     a("--kl-direction", default="forward", choices=["forward", "reverse"], help="KL(old||new) or KL(new||old)")
     a("--kl-timesteps", default="all", choices=["all", "last"], help="steps of each sequence L_policy covers")

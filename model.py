@@ -1,11 +1,8 @@
 """model.py: ResNet-T, LIBERO's BCTransformerPolicy written out in one file (SPEC.md section 2).
 
-Per timestep t the policy makes 5 tokens of size E=64, in this order:
-    [text, joint, gripper, agentview, eye_in_hand]
-a block-causal temporal transformer mixes the tokens of steps <= t, and a GMM head reads the text
-token of each step. One forward pass returns the GMM parameters *and* every latent that M2Distill
-distils (per-camera image tokens, the text token, the joint and gripper tokens).
-"""
+Per timestep t the policy makes 5 tokens of size E=64, in this order: [text, joint, gripper, agentview,
+eye_in_hand]; a block-causal temporal transformer mixes the tokens of steps <= t, and a GMM head reads the text
+token of each step. One forward pass returns the GMM parameters *and* every latent that M2Distill distils."""
 import math
 import os
 import pickle
@@ -26,8 +23,7 @@ def gmm_log_prob(means, stds, logits, a):
 
         log pi(a|s) = logsumexp_m [ log w_m + sum_j log N(a_j; mu_mj, sigma_mj) ],  w = softmax(logits)
 
-    means, stds (..., M, D), logits (..., M), a (..., D) -> (...)
-    """
+    means, stds (..., M, D), logits (..., M), a (..., D) -> (...)"""
     log_w = torch.log_softmax(logits, -1)  # (..., M)
     z = (a.unsqueeze(-2) - means) / stds  # (..., M, D)
     log_n = (-0.5 * z.pow(2) - stds.log() - 0.5 * math.log(2 * math.pi)).sum(-1)  # (..., M)
@@ -37,8 +33,7 @@ def gmm_log_prob(means, stds, logits, a):
 def gmm_sample(means, stds, logits, n, generator=None):
     """n samples a ~ pi(.|s): pick a mode m ~ Categorical(w), then a = mu_m + sigma_m * eps.
 
-    means, stds (..., M, D), logits (..., M) -> (n, ..., D)
-    """
+    means, stds (..., M, D), logits (..., M) -> (n, ..., D)"""
     probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])  # (S, M), S = prod(...)
     m = torch.multinomial(probs, n, replacement=True, generator=generator).T  # (n, S)
     m = m.reshape(n, *logits.shape[:-1], 1, 1).expand(n, *means.shape[:-2], 1, means.shape[-1])  # (n, ..., 1, D)
@@ -49,11 +44,9 @@ def gmm_sample(means, stds, logits, n, generator=None):
 
 
 class GMMHead(nn.Module):
-    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits.
-
-    `low_eval_noise` (LIBERO's GMMHead option, off by default; libero/lifelong/models/policy_head.py):
-    in eval mode every mode's std is the minimum std (1e-4), so a sample is the mean of the mode drawn
-    from the mixture weights. Training is unaffected."""
+    """MLP 64 -> 1024 -> 1024 -> 1024, then mean = tanh(.), std = softplus(.) + 1e-4, 5 mixture logits. With
+    `low_eval_noise` (LIBERO's option, off by default; libero/lifelong/models/policy_head.py) every std is the
+    minimum (1e-4) in eval mode: a sample is the mean of the mode drawn from the mixture weights (training as ever)."""
 
     def __init__(self, d_in=64, hidden=1024, modes=5, d_act=ACTION_DIM, min_std=1e-4, low_eval_noise=False):
         super().__init__()
@@ -82,9 +75,8 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                           if stride != 1 or c_in != c_out else None)
 
     def forward(self, x):
         skip = x if self.downsample is None else self.downsample(x)
@@ -101,10 +93,9 @@ class FiLMResNetEncoder(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                   nn.MaxPool2d(3, 2, 1))
-        widths = (64, 64, 128, 128)
         self.blocks = nn.ModuleList([BasicBlock(64, 64), BasicBlock(64, 64), BasicBlock(64, 128, 2),
                                      BasicBlock(128, 128)])
-        self.film = nn.ModuleList([nn.Linear(d_lang, 2 * c) for c in widths])
+        self.film = nn.ModuleList([nn.Linear(d_lang, 2 * b.conv2.out_channels) for b in self.blocks])
         self.keypoints = nn.Conv2d(128, n_kp, 1)
         s = img_size // 8  # feature map side after the stride-2 conv, maxpool and layer2
         rows, cols = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
@@ -125,9 +116,8 @@ class FiLMResNetEncoder(nn.Module):
 
 @torch.no_grad()
 def fold_batchnorm(policy):
-    """Fold each BatchNorm of the policy's image encoders into the conv before it: the same function
-    with one pass less over every feature map (~10-25% of a forward on CPU). For inference only (pi_old,
-    rollouts): puts the policy in eval mode, and a folded encoder has no batch statistics to train."""
+    """Fold each BatchNorm of the policy's image encoders into the conv before it: the same function, one pass less
+    over every feature map (~10-25% of a CPU forward). Inference only (pi_old, rollouts; no batch stats): eval mode."""
     fuse = nn.utils.fusion.fuse_conv_bn_eval
     for encoder in policy.eval().image_encoders.values():
         encoder.stem = nn.Sequential(fuse(encoder.stem[0], encoder.stem[1]), *encoder.stem[2:])
@@ -168,13 +158,12 @@ def augment_obs(obs, generator=None):
 
 
 def augment(x, jitter=0.3, p_jitter=0.9, pad=None, generator=None):
-    """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps:
-    colour jitter (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a
-    random shift (replicate-pad `pad` px, random HxW crop). One draw per sample, shared by all V images.
-    LIBERO's TranslationAug (libero/lifelong/models/modules/data_augmentation.py, translation 8) pads
-    4 px at 128 px, a shift of up to 1/32 of the image: `pad` defaults to that fraction of H (1 px at
-    32, 2 at 64, 4 at 128). The jitters act per pixel or on image means, so their strength does not
-    depend on the size. (torchvision applies the four jitters in a random order; here a fixed one.)"""
+    """LIBERO's training augmentation on images (B, V, 3, H, W) in [0, 1], V = cameras x timesteps: colour jitter
+    (brightness, contrast, saturation, hue, each +-0.3) with probability 0.9, then a random shift (replicate-pad
+    `pad` px, random HxW crop). One draw per sample, shared by all V images. LIBERO's TranslationAug (libero/lifelong/
+    models/modules/data_augmentation.py, translation 8) pads 4 px at 128 px, a shift of up to 1/32 of the image:
+    `pad` defaults to that fraction of H (1 px at 32, 2 at 64, 4 at 128). The jitters act per pixel or on image
+    means: their strength does not depend on the size (torchvision draws the jitters' order; here it is fixed)."""
     B, V, C, H, W = x.shape
     pad = max(1, round(H / 32)) if pad is None else pad
     u = lambda: (torch.rand(B, 1, 1, 1, 1, generator=generator) * 2 - 1) * jitter  # (B, 1, 1, 1, 1)
@@ -186,8 +175,7 @@ def augment(x, jitter=0.3, p_jitter=0.9, pad=None, generator=None):
     g = gray(y)
     y = (g + (1 + u() * on) * (y - g)).clamp(0, 1)  # saturation
     hsv = _rgb_to_hsv(y)
-    hsv = torch.cat([(hsv[:, :, :1] + u() * on) % 1.0, hsv[:, :, 1:]], 2)  # hue
-    y = _hsv_to_rgb(hsv)
+    y = _hsv_to_rgb(torch.cat([(hsv[:, :, :1] + u() * on) % 1.0, hsv[:, :, 1:]], 2))  # hue
     y = F.pad(y.flatten(1, 2), (pad,) * 4, mode="replicate")  # (B, V*3, H+2p, W+2p)
     oy, ox = (torch.randint(0, 2 * pad + 1, (2, B), generator=generator))
     rows = (oy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
@@ -272,10 +260,8 @@ class ResNetT(nn.Module):
         return x.view(B, T, n, E)[:, :, 0]
 
     def forward(self, obs, task_emb):
-        """One pass: GMM parameters at every step and every distilled latent.
-
-        Returns dict(means (B,T,M,7), stds (B,T,M,7), logits (B,T,M),
-                     text (B,E), joint_states/gripper_states/agentview_rgb/eye_in_hand_rgb (B,T,E))."""
+        """One pass: GMM parameters at every step and every distilled latent: dict(means (B,T,M,7), stds (B,T,M,7),
+        logits (B,T,M), text (B,E), joint_states/gripper_states/agentview_rgb/eye_in_hand_rgb (B,T,E))."""
         tokens, lat = self.spatial_encode(obs, task_emb)
         means, stds, logits = self.head(self.temporal_encode(tokens))
         return dict(means=means, stds=stds, logits=logits, **lat)
@@ -368,10 +354,9 @@ def check_fits(policy, sd, what, names=None, problems=()):
 
 def load_libero_state_dict(policy, sd, what="LIBERO state_dict"):
     """Load LIBERO's BCTransformerPolicy weights (its `state_dict()`, default bc_transformer_policy config) into
-    `policy`, a ResNetT of the same task-embedding size (LIBERO's: bert-base-cased, 768) and image size; the policy
-    then computes LIBERO's function (checked against LIBERO's own outputs in test_m2distill.py). Returns the policy.
-    Raises ValueError, one line naming every unmatched, mis-shaped or unequal key (LIBERO's names) and every missing
-    one (ResNetT's names); `what` names the source."""
+    `policy`, a ResNetT of the same task-embedding (LIBERO's: bert-base-cased, 768) and image size: it then computes
+    LIBERO's function (tested against LIBERO's outputs). Returns the policy. ValueError, one line naming every
+    unmatched, mis-shaped or unequal key (LIBERO's names) and every missing one (ResNetT's); `what` names the source."""
     renamed, problems = rename_libero(sd, policy)
     check_fits(policy, renamed, what, {libero_name(k): k for k in sd}, problems)
     policy.load_state_dict(renamed)
@@ -383,11 +368,10 @@ def read_checkpoint(path, map_location="cpu", libero=False,
     """Read and check a checkpoint, its tensors on `map_location` (a run trained on a GPU reads on a CPU-only machine).
 
     Ours, m2distill.py's task<k>.pt: dict(config, state_dict, task_embs (n_tasks, d_lang), task k, suite, algo, format),
-    returned once the state_dict fits ResNetT(**config); one older than format 2 gets the inputs of its keypoint
-    projections reordered (the same function in LIBERO's keypoint order). With libero=True, LIBERO's own file
-    (libero/lifelong/utils.py torch_save_model: dict(state_dict, cfg, previous_masks), or a bare state_dict) comes
-    back as dict(libero_state_dict=...). weights_only=True throughout: the classes of LIBERO's cfg (easydict) are
-    read as OrderedDicts. Raises FileNotFoundError or ValueError: one line naming the file, then `fix`."""
+    returned once the state_dict fits ResNetT(**config), one older than format 2 with its keypoint projections' inputs
+    reordered (LIBERO's keypoint order). With libero=True, LIBERO's own file (lifelong/utils.py torch_save_model:
+    dict(state_dict, cfg, previous_masks), or a bare state_dict) comes back as dict(libero_state_dict=...).
+    weights_only=True (LIBERO's easydict cfg reads as OrderedDicts). FileNotFoundError/ValueError: the file, `fix`."""
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
         raise ValueError(f"{path} is a directory; {fix} ({', '.join(found) or 'none here'}).")
@@ -427,9 +411,8 @@ def read_checkpoint(path, map_location="cpu", libero=False,
         raise ValueError(f"{path}: task_embs {tuple(embs.shape)} and task {k} do not fit d_lang "
                          f"{policy.config['d_lang']} (want (n_tasks, d_lang) and 0 <= task < n_tasks); {fix}.")
     if ckpt.get("format", 1) < 2:  # keypoints were [columns, rows]: swap the two halves of the projection's inputs
-        for c in CAMERAS:
-            w = sd[f"image_encoders.{c}.proj.weight"]
-            sd[f"image_encoders.{c}.proj.weight"] = w.roll(w.shape[1] // 2, 1)
+        for k in (f"image_encoders.{c}.proj.weight" for c in CAMERAS):
+            sd[k] = sd[k].roll(sd[k].shape[1] // 2, 1)
     return ckpt
 
 

@@ -1,0 +1,102 @@
+"""aggregate.py: the paper-style table from many runs' results.json, and one picture (issue 13's comparison).
+
+    python evaluate.py --aggregate 'runs/*' --png table.png
+
+A module of its own, as expert.py: nothing in a run needs it (m2distill.py and evaluate.py make each run's numbers).
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+from evaluate import draw_matrix, write_png
+
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+
+
+def mean_ci(xs):
+    """Mean and 95% Student-t interval over seeds, (mean, lo, hi); None values are left out; n = 1 gives
+    no interval (lo = hi = None). t quantiles are tabulated up to 15 seeds, then 1.96 (normal)."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return (float(xs[0]) if xs else None), None, None
+    m = float(np.mean(xs))
+    h = (T975[len(xs) - 2] if len(xs) - 2 < len(T975) else 1.96) * float(np.std(xs, ddof=1)) / np.sqrt(len(xs))
+    return m, m - h, m + h
+
+
+def wilson(successes, n, z=1.96):
+    """Wilson score interval (lo, hi) of a success rate from `successes` of `n` episodes (95% for z=1.96)."""
+    if n == 0:
+        return None, None
+    p = successes / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def aggregate(pattern, png=None):
+    """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
+
+    Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
+    groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds; the success matrix pooled over seeds
+    (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting (mean over k < K of
+    nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Returns the groups, prints the markdown
+    table, writes `png` (plot_aggregate)."""
+    paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
+    runs = [json.load(open(p)) for p in paths if os.path.exists(p)]
+    if not runs:
+        raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
+    keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
+    varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs}) > 1 and k != "algo"]
+    groups = {}
+    for r in runs:
+        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying]), []).append(r)
+    rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
+    fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
+    for label, rs in groups.items():
+        K = max(len(r["success"]) for r in rs)
+        succ, n = np.zeros((K, K)), np.zeros((K, K))
+        for r in rs:
+            for k, row in enumerate(r["success"]):
+                for t, c in enumerate(row):
+                    e = (r.get("episodes") or [[r["run"]["n_eval"]] * len(x) for x in r["success"]])[k][t]
+                    succ[k, t] += round(c * e) if c is not None else 0
+                    n[k, t] += e if c is not None else 0
+        forget = [np.mean([r["nll"][-1][k] - r["nll"][k][k] for k in range(len(r["nll"]) - 1)])
+                  if r.get("nll") and None not in r["nll"] and len(r["nll"]) > 1 else None for r in rs]
+        g = {m: mean_ci([(r.get("metrics") or {}).get(m) for r in rs]) for m in ("fwt", "nbt", "auc")}
+        g.update(nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs], successes=succ, episodes=n,
+                 task_ids=max((r.get("task_ids") or list(range(len(r["success"]))) for r in rs), key=len))
+        out[label] = g
+        rows.append(f"| {label} | {len(rs)} | " + " | ".join(fmt(*g[m]) for m in ("fwt", "nbt", "auc", "nll_forgetting"))
+                    + " |")
+    print("\n".join(rows))
+    if png:
+        plot_aggregate(out, png)
+    return out
+
+
+def plot_aggregate(groups, path):
+    """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix."""
+    G = len(groups)
+    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=(4 + 3.2 * G, 3.6), squeeze=False) as (fig, axes):
+        ax = axes[0, 0]
+        for i, (label, g) in enumerate(groups.items()):
+            for j, m in enumerate(("fwt", "nbt", "auc")):
+                mean, lo, hi = g[m]
+                if mean is not None:
+                    err = None if lo is None else [[mean - lo], [hi - mean]]
+                    ax.bar(j + i / (G + 1), mean, 1 / (G + 1), yerr=err, capsize=3, color=f"C{i}",
+                           label=label if j == 0 else None)
+        ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
+        ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
+        for a, (label, g) in zip(axes[0, 1:], groups.items()):
+            rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
+            ci = {kt: wilson(g["successes"][kt], g["episodes"][kt]) for kt in zip(*np.tril_indices_from(rate))}
+            draw_matrix(a, rate, g["task_ids"], {(k, t): f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]"
+                                                 for (k, t), (lo, hi) in ci.items() if lo is not None}, 6, 7)
+            a.set_title(f"{label}\n({len(g['seeds'])} seeds, Wilson 95%)", fontsize=7)
