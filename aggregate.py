@@ -36,6 +36,17 @@ def wilson(successes, n, z=1.96):
     return float(centre - half), float(centre + half)
 
 
+def read_results(path):
+    """One run's results.json; SystemExit naming the file unless it is a finished record of m2distill.py."""
+    try:
+        res = json.load(open(path))
+        assert isinstance(res, dict) and isinstance(res["run"], dict) and isinstance(res["success"], list)
+    except (OSError, ValueError, AssertionError, KeyError, TypeError):
+        raise SystemExit(f"--aggregate: {path} is not a results.json of m2distill.py (cut off, edited or another "
+                         "file); move it out of the glob or give a narrower one.") from None
+    return res
+
+
 def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
@@ -45,7 +56,7 @@ def aggregate(pattern, png=None):
     nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Returns the groups, prints the markdown
     table, writes `png` (plot_aggregate)."""
     paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
-    runs = [json.load(open(p)) for p in paths if os.path.exists(p)]
+    runs = [read_results(p) for p in paths if os.path.exists(p)]
     if not runs:
         raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
@@ -92,7 +103,8 @@ def plot_aggregate(groups, path):
                            label=label if j == 0 else None)
         ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:  # runs without rollouts draw no bars
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
         for a, (label, g) in zip(axes[0, 1:], groups.items()):
             rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)

@@ -109,7 +109,8 @@ def check_demos(f, path, demos, img_size):
             where = f"{path}: 'data/{d}/{key}'"
             if key not in g or not isinstance(g[key], h5py.Dataset):
                 raise ValueError(f"{where} is missing; training reads {', '.join(TRAIN_KEYS)} of every demo. "
-                                 "Regenerate the file with both cameras, or delete it and download it again.")
+                                 "Regenerate the file with all of them (both cameras), or delete it and download "
+                                 "it again.")
             x, (shape, kind) = g[key], DEMO_KEYS[key]
             n = len(x) if n is None else n
             if key[4:] in CAMERAS:
@@ -354,10 +355,12 @@ def task_embeddings(instructions, kind="minilm", cache_dir=None):
 
 
 def _language_model(path, instructions, **tokenizer_kw):
-    """(tokens, outputs) of the transformers model `path` (a hub name or a folder) on the instructions, no grad."""
+    """(tokens, outputs) of the transformers model `path` (a folder, or a hub name already in the local hub cache:
+    nothing is downloaded) on the instructions, no grad. OSError if the weights are not on disk."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModel, AutoTokenizer
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     t = tok(list(instructions), truncation=True, return_tensors="pt", **tokenizer_kw)
     with torch.no_grad():
         return t, model(**t)

@@ -10,6 +10,7 @@ with its own policy (one thread, batch norms folded: ~33 ms at batch 1 and 128 p
 and rendering per step) and one env, kept until the task changes; a broken simulator stops them (Evaluator)."""
 import argparse
 import contextlib
+import math
 import ctypes
 import multiprocessing as mp
 import os
@@ -343,6 +344,7 @@ def write_png(path, dpi, **subplots):
     fig, axes = plt.subplots(**subplots)
     yield fig, axes
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path + ".tmp.png", dpi=dpi)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
@@ -406,6 +408,25 @@ def cli(main):
         sys.exit(1)
 
 
+def check_flags(args, ranges, positive=()):
+    """SystemExit naming the flag and its allowed values unless every `ranges` flag of `args` is finite and within
+    (least, most) (None: no bound), and > 0 for the `positive` ones; and unless --device names a device this
+    torch can use."""
+    for flag, (lo, hi) in ranges.items():
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi) and (v > 0 or flag not in positive)):
+            allowed = "a number > 0" if flag in positive else f"{lo} or more" if hi is None else f"{lo} to {hi}"
+            raise SystemExit(f"--{flag.replace('_', '-')} {v}: out of range; allowed: {allowed}.")
+    device = getattr(args, "device", "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a torch device; use cpu or cuda.") from None
+    if kind != "cpu" and not getattr(torch, kind).is_available():
+        raise SystemExit(f"--device {device}: this torch ({torch.__version__}) has no usable {kind} device here; "
+                         "use --device cpu (a run trained on a GPU resumes on the CPU).")
+
+
 @contextlib.contextmanager
 def exits(prefix=""):
     """The one-line FileNotFoundError/ValueError of a check (data.py, model.py) -> SystemExit(prefix + it)."""
@@ -434,9 +455,13 @@ def main(argv=None):
         return __import__("aggregate").aggregate(args.aggregate, args.png)
     if not args.checkpoint:
         p.error("--checkpoint is required (or --aggregate)")
+    check_flags(args, {"n_eval": (1, None), "max_steps": (1, None), "eval_workers": (1, None), "seed": (0, 2**32 - 1)})
     with exits("--checkpoint "):
         policy, embs, suite, learned = load_policy(args.checkpoint)
-    args.suite = args.suite or suite
+    if args.suite not in (None, suite):  # its task embeddings are the instructions of its own suite
+        raise SystemExit(f"--suite {args.suite}: {args.checkpoint} was trained on {suite}, and its task embeddings "
+                         f"are that suite's instructions; drop --suite (or pass --suite {suite}).")
+    args.suite = suite
     bench = data.suite_benchmark(args.suite)
     n = bench.get_num_tasks()
     tasks = args.tasks or [t for t in learned if t < n]

@@ -15,7 +15,6 @@ plus the four distillation terms (SPEC.md sections 3-5)."""
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -210,11 +209,15 @@ def check_room(policy, task_embs, args):
 
 
 def resume_state(args, j):
-    """The weights after the run's j-th task, <out>/task<j>.pt, on --device (a GPU-trained run resumes on a CPU)."""
+    """The weights after the run's j-th task, <out>/task<j>.pt, on --device (a GPU-trained run resumes on a CPU).
+    SystemExit naming the file if it is missing, damaged, or another task's checkpoint."""
+    path, fix = os.path.join(args.out, f"task{j}.pt"), (f"results.json in --out records task {j} as finished, so "
+                                                        "resuming needs it: restore it, or pass another --out to start over")
     with rollouts.exits():
-        return read_checkpoint(os.path.join(args.out, f"task{j}.pt"), args.device, fix=(
-            f"results.json in --out records task {j} as finished, so resuming needs it: restore it, or pass another "
-            "--out to start over"))["state_dict"]
+        ckpt = read_checkpoint(path, args.device, fix=fix)
+    if ckpt.get("task", j) != j:
+        raise SystemExit(f"{path} holds the weights after task {ckpt['task']} of its run, not {j}; {fix}.")
+    return ckpt["state_dict"]
 
 
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
@@ -341,7 +344,11 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     st = {"task": j, "epoch": -1, "curve": [], "curve_episodes": [], "best": -1.0, "best_state": None, "best_idx": 0}
     progress = os.path.join(args.out, "progress.pt")
     if os.path.exists(progress):
-        saved = torch.load(progress, map_location=args.device, weights_only=True)
+        try:
+            saved = torch.load(progress, map_location=args.device, weights_only=True)
+        except Exception as e:  # a file cut short by a kill during its write, or not ours: a torch error of any kind
+            raise SystemExit(f"{progress} is damaged ({type(e).__name__}); delete it to learn task {k} again from its "
+                             "first epoch (the finished tasks are kept).") from None
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
             for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
                 obj.load_state_dict(saved[name])
@@ -403,11 +410,13 @@ def run(args, evaluate=None):
     ensure_data(args, bench)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
     if res["tasks"]:
-        print(f"--out {args.out} holds {len(res['tasks'])} finished task(s) of {args.n_tasks}: "
-              + ", ".join(res["tasks"]) + ("; nothing left to do." if len(res["tasks"]) >= args.n_tasks
-                                           else "; resuming with the next one."), flush=True)
-        if len(res["tasks"]) >= args.n_tasks:
+        finished = len(res["tasks"]) >= args.n_tasks
+        if finished:
             resume_state(args, len(res["tasks"]) - 1)  # its last checkpoint is there and readable
+        print(f"--out {args.out} holds {len(res['tasks'])} finished task(s) of {args.n_tasks}: "
+              + ", ".join(res["tasks"]) + ("; nothing left to do." if finished else "; resuming with the next one."),
+              flush=True)
+        if finished:
             return res
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
@@ -540,11 +549,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.tasks = args.tasks or list(range(args.n_tasks))
     args.out = args.out or os.path.join("runs", f"{args.suite}_{args.algo}_s{args.seed}")
-    for flag, (lo, hi) in FLAG_RANGES.items():
-        v = getattr(args, flag)
-        if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi) and (v > 0 or flag not in POSITIVE)):
-            allowed = "a number > 0" if flag in POSITIVE else f"{lo} or more" if hi is None else f"{lo} to {hi}"
-            raise SystemExit(f"--{flag.replace('_', '-')} {v}: out of range; allowed: {allowed}.")
+    rollouts.check_flags(args, FLAG_RANGES, POSITIVE)
     if args.init_from and not os.path.isfile(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: no such file; pass LIBERO's checkpoint or a task<k>.pt of ours.")
     return args

@@ -1595,3 +1595,80 @@ def test_the_run_says_where_it_wrote_and_what_a_rerun_has_left(suite_dir, tmp_pa
     out = capsys.readouterr().out
     assert "holds 2 finished task(s) of 2" in out and "nothing left to do" in out and calls == [0, 1, 1]
     assert json.load(open(tmp_path / "results.json"))["episodes"] == [[0], [0, 0]]
+
+
+# ----------------------------------------------------------------------------- found by trying it as a new user
+@pytest.mark.parametrize("flag, value", [("--n-eval", "0"), ("--max-steps", "0"), ("--eval-workers", "0"),
+                                         ("--seed", "-1")])
+def test_evaluate_flags_out_of_range_get_one_line_before_any_rollout(tmp_path, flag, value):
+    argv = ["--checkpoint", str(tmp_path / "task0.pt"), "--n-eval", "2", "--max-steps", "10", flag, value]
+    with pytest.raises(SystemExit, match=f"^{flag} {value}: out of range; allowed: "):
+        evaluate.main(argv)
+
+
+def test_a_device_this_torch_cannot_use_is_named_in_one_line(suite_dir, tmp_path):
+    devices = ["foo"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+    for device in devices:
+        with pytest.raises(SystemExit, match=f"^--device {device}: "):
+            tiny_args(suite_dir, tmp_path, device=device)
+
+
+def test_evaluate_refuses_a_suite_other_than_the_checkpoints(tmp_path):
+    path = str(tmp_path / "task0.pt")
+    m2distill.save_checkpoint(model.ResNetT(8, img_size=32), torch.randn(10, 8),
+                              types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, path)
+    with pytest.raises(SystemExit, match=f"^--suite libero_goal: .* was trained on {SUITE}"):
+        evaluate.main(["--checkpoint", path, "--suite", "libero_goal", "--n-eval", "1", "--max-steps", "5"])
+
+
+def test_a_damaged_progress_file_or_a_swapped_checkpoint_stops_the_resume_with_one_line(suite_dir, tmp_path,
+                                                                                       monkeypatch):
+    step, n = m2distill.train_step, {"calls": 0}
+
+    def killed(*a):  # the run is killed in task 1, after its first epoch (task 0: 2 x 4 steps, task 1: 2 x 3)
+        n["calls"] += 1
+        if n["calls"] == 12:
+            raise KeyboardInterrupt
+        return step(*a)
+
+    monkeypatch.setattr(m2distill, "train_step", killed)
+    args = tiny_args(suite_dir, tmp_path, "sequential", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(args)
+    monkeypatch.setattr(m2distill, "train_step", step)
+    progress = tmp_path / "progress.pt"
+    progress.write_bytes(progress.read_bytes()[:3000])  # cut short by a kill while it was written
+    with pytest.raises(SystemExit, match=f"^{progress} is damaged .*delete it to learn task 1 again"):
+        m2distill.run(args)
+    assert json.load(open(tmp_path / "results.json"))["tasks"] and os.path.exists(tmp_path / "task0.pt")
+    os.remove(progress)
+    m2distill.run(args)
+    shutil.copy(tmp_path / "task0.pt", tmp_path / "task1.pt")  # a checkpoint of another task under task1.pt
+    with pytest.raises(SystemExit, match="task1.pt holds the weights after task 0 of its run, not 1"):
+        m2distill.run(args)
+
+
+def test_aggregate_names_a_broken_results_file_and_makes_the_picture_folder(tmp_path):
+    os.makedirs(tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "a" / "results.json").write_text('{"success": [[')
+    with pytest.raises(SystemExit, match="a/results.json is not a results.json of m2distill.py"):
+        evaluate.main(["--aggregate", str(tmp_path / "runs" / "*")])
+    (tmp_path / "runs" / "a" / "results.json").write_text(json.dumps(
+        {"run": {"algo": "er", "seed": 1, "n_eval": 2}, "success": [[0.5]], "metrics": None, "nll": [None]}))
+    evaluate.main(["--aggregate", str(tmp_path / "runs" / "*"), "--png", str(tmp_path / "new" / "dir" / "t.png")])
+    assert os.path.exists(tmp_path / "new" / "dir" / "t.png")
+
+
+def test_bert_is_only_read_from_disk_never_downloaded(tmp_path, monkeypatch):
+    import transformers
+    asked = []
+
+    def from_pretrained(name, *a, **kw):
+        asked.append(kw.get("local_files_only"))
+        raise OSError(f"{name} is not on disk")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(data, "_minilm_embeddings", lambda langs: torch.zeros(len(langs), 384))
+    emb, kind = data.task_embeddings(["pick up the soup"], "bert", str(tmp_path))
+    assert kind == "minilm" and asked and all(asked)  # the hub is never asked: an offline machine does not wait
