@@ -984,7 +984,7 @@ def results_json(text):
     (garbage, r"^{task1}: not a readable HDF5 file .*delete it and download it again"),
     (truncate, r"^{task1}: not a readable HDF5 file .*delete it and download it again"),
     (zero_demos, r"^{task1}: group 'data' holds no demo_<i> group \(zero demos\); delete it and download it again"),
-    (drop_agentview, r"^{task1}: 'data/demo_1/obs/agentview_rgb' is missing; .* Regenerate the file with both cameras"),
+    (drop_agentview, r"^{task1}: 'data/demo_1/obs/agentview_rgb' is missing; .* Regenerate the file with all of them"),
     ("img_size_64", r"^{task1}: 'data/demo_0/obs/agentview_rgb' holds 32x32 images; --img-size 64 must divide 32: "
                     r"use --img-size 32 or 16 or 8"),
     ("out_is_a_file", r"^--out \S+ is a file; pass a folder"),
