@@ -5,15 +5,16 @@ demonstrations in the simulator instead: a scripted pick-and-place expert (objec
 boxes read from MuJoCo, OSC_POSE delta actions in [-1, 1]) drives the robot, and every successful
 episode is written as one `demo_i` of `<data_dir>/<suite>/<task.name>_demo.hdf5` (SPEC.md section 8).
 
-    python expert.py collect --suite libero_object --demos-per-task 50 [--data-dir data] [--tasks 0 1]
-    python expert.py measure --suite libero_object [--tasks 0 1] [--n-init 50]
+    python expert.py collect --suite libero_object --demos-per-task 50 [--data-dir data] [--tasks 0 1] [--dart-noise 0.1]
+    python expert.py measure --suite libero_object [--tasks 0 1] [--n-init 50] [--dart-noise 0.1]
 
 Episode design (matches LIBERO's evaluation loop): env.reset() with random placements, 5 unrecorded
 zero actions (objects settle), then every step records (obs, sim state) *before* the action and the
 action itself, until the task's success check fires. `init_state` is the first recorded state, so
 `env.reset(); env.set_init_state(init_state)` then stepping `actions` replays the demo. (LIBERO's own
 create_dataset.py pairs actions[t] with the observation *after* it; here obs[t] is what the expert saw
-when it chose actions[t], which is what a policy sees at evaluation.)
+when it chose actions[t], which is what a policy sees at evaluation.) With --dart-noise the executed
+actions are noised and the clean ones recorded (DART), so such demos replay by their states only.
 """
 import argparse
 import os
@@ -134,10 +135,13 @@ def rim_grasp(env, obs, body, rng, radius=0.045, dz=0.035):
 class PickPlace:
     """Pick `body` and release it above `target` (a body name), as a small phase machine.
 
-    Phases: 0 hover above the grasp point while turning the yaw, 1 descend, 2 close, 3 lift to
-    `lift_z` (world z), 4 carry until the object is above the target, 5 lower until the object's origin
-    is at `release_z` (world z), 6 open, 7 retreat up. If the object slips out during the lift, it
-    starts over. Randomness (from `rng`): hover and lift heights, gain, closing time, release point.
+    Phases: 0 hover above the grasp point while turning the yaw, 1 descend, 2 close while still
+    approaching slowly, 3 lift to `lift_z` (world z), 4 carry until the object is above the target,
+    5 lower until the object's origin is at `release_z` (world z), 6 open while rising slowly, 7 retreat
+    up. Every phase ends on what the robot can see or feel, never on a timer alone: closing ends when the
+    fingers stop (`Gripper.held`; fully shut means the grasp missed and it starts over), opening ends
+    when the fingers are wide open. If the object slips out during the lift, it starts over. Randomness
+    (from `rng`): hover and lift heights, gain, release point.
     """
 
     def __init__(self, env, obs, body, target, rng, grasp=box_grasp, release_z=None, lift_z=0.30):
@@ -147,9 +151,9 @@ class PickPlace:
         self.hover = 0.12 + rng.uniform(-0.02, 0.02)
         self.lift_z = lift_z + rng.uniform(-0.02, 0.02)
         self.gain = rng.uniform(8.0, 12.0)
-        self.close_steps = int(rng.integers(11, 16))
         self.place_noise = rng.uniform(-0.008, 0.008, 2)
         self.retries = 0
+        self.hand = Hand(env, obs)
         self.start(obs)
 
     def start(self, obs):
@@ -159,27 +163,32 @@ class PickPlace:
     def next_phase(self):
         self.phase, self.t = self.phase + 1, 0
 
+
     def act(self, obs):
         eef, o, tgt_obj = obs["robot0_eef_pos"], obs[self.body + "_pos"], target_pos(self.env, obs, self.target)
         grasp_pt = np.array([*(o[:2] + self.offset), o[2] + self.grasp_dz])
-        grip, yaw_rate, goal = -1.0, 0.0, eef.copy()
+        grip, goal, speed = -1.0, eef.copy(), 1.0
+        self.hand.see(obs)
         if self.phase in (0, 1) and self.yaw is not None:  # turn the closing axis onto the desired yaw
-            yaw_rate = float(np.clip(2.0 * wrap_half_pi(self.yaw - finger_yaw(self.env)), -1, 1))
+            self.hand.yaw = self.yaw
 
         if self.phase == 0:  # hover above the grasp point
             goal = grasp_pt + [0, 0, self.hover]
-            if (np.linalg.norm(goal - eef) < 0.01 and abs(yaw_rate) < 0.1) or self.t > 100:
+            if (np.linalg.norm(goal - eef) < 0.01 and self.hand.aligned()) or self.t > 100:
                 self.next_phase()
         elif self.phase == 1:  # descend onto it
             goal = grasp_pt
             if np.linalg.norm(goal - eef) < 0.01 or self.t > 30:
                 self.next_phase()
-        elif self.phase == 2:  # close
-            grip = 1.0
-            if self.t >= self.close_steps:
+        elif self.phase == 2:  # close while still approaching slowly (5 mm below the grasp point)
+            grip, goal, speed = 1.0, grasp_pt - [0, 0, 0.005], 0.1
+            if self.t >= 2 and self.hand.held():
                 self.next_phase()
-        elif self.phase == 3:  # lift straight up
-            grip, goal = 1.0, np.array([eef[0], eef[1], self.lift_z])
+            elif self.hand.shut() and self.retries < 3:  # closed on nothing: open and try again
+                self.retries += 1
+                self.start(obs)
+        elif self.phase == 3:  # lift straight up, starting slowly
+            grip, goal, speed = 1.0, np.array([eef[0], eef[1], self.lift_z]), min(1.0, 0.25 * (self.t + 1))
             if eef[2] > self.lift_z - 0.02:
                 self.next_phase()
         elif self.phase == 4:  # carry: put the object's centre over the target
@@ -193,17 +202,20 @@ class PickPlace:
             goal = np.array([*(tgt_obj[:2] + self.place_noise + eef[:2] - o[:2]), eef[2] - (o[2] - want)])
             if o[2] - want < 0.01 or self.t > 40:
                 self.next_phase()
-        elif self.phase == 5:  # lower slowly until the object is supported (it rises in the hand)
-            grip = 1.0
-            goal = np.array([*(tgt_obj[:2] + self.place_noise + eef[:2] - o[:2]), eef[2] - 0.01])
+        elif self.phase == 5:  # lower until the object is supported (it rises in the hand): slowly near the target
+            grip, drop = 1.0, max(0.02, o[2] - tgt_obj[2] - 0.04)
+            goal = np.array([*(tgt_obj[:2] + self.place_noise + eef[:2] - o[:2]), eef[2] - drop])
             if (o[2] - eef[2]) - self.hold_dz > 0.004 or self.t > 80:
                 self.next_phase()
-        elif self.phase == 6:  # open
-            if self.t > 10:
+        elif self.phase == 6:  # open while easing down (rising before the fingers are wide open drags it up)
+            goal, speed = eef - [0, 0, 0.01], 0.1
+            if self.hand.opened():
                 self.next_phase()
         else:  # retreat up and wait for the success check
             goal = np.array([eef[0], eef[1], self.lift_z])
 
+        if self.phase == 5:
+            self.release_gap = self.hand.gap  # the finger gap on the object when opening starts
         # The object fell out while lifting or carrying: start over (a few times at most).
         if self.phase in (3, 4) and self.t > 15 and o[2] < self.z0 + 0.02 and eef[2] > self.z0 + 0.08 \
                 and self.retries < 3:
@@ -211,9 +223,53 @@ class PickPlace:
             self.start(obs)
 
         self.t += 1
+        return self.hand.action(goal, eef, self.gain, grip, speed)
+
+
+class Hand:
+    """What the expert sees of its own hand, and the action that moves it.
+
+    Reads `robot0_gripper_qpos` (the two finger joints, m; gap = q[0] - q[1], 0.08 wide open, about 0.002
+    shut) and `robot0_eef_quat`. `action` returns a LIBERO OSC_POSE delta action (7,) in [-1, 1]:
+    translation towards `goal` (gain per m, capped at `speed`), a rotation that keeps the gripper
+    pointing straight down and its closing axis at `self.yaw` (world, rad), and the gripper command +-1.
+    """
+    OPEN, SHUT, STILL = 0.07, 0.004, 5e-4  # gap wide open, gap with nothing between the fingers, m/step
+
+    def __init__(self, env, obs):
+        self.env, self.yaw = env, finger_yaw(env)
+        self.gap = self.prev_gap = obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1]
+        self.still, self.quat = 0, obs["robot0_eef_quat"]
+
+    def see(self, obs):
+        q = obs["robot0_gripper_qpos"]
+        self.prev_gap, self.gap, self.quat = self.gap, q[0] - q[1], obs["robot0_eef_quat"]
+        self.still = self.still + 1 if abs(self.gap - self.prev_gap) < self.STILL else 0
+
+    def held(self):
+        """The closing fingers have stopped on something for two steps."""
+        return self.still >= 2 and self.SHUT < self.gap < self.OPEN
+
+    def shut(self):
+        return self.still >= 2 and self.gap <= self.SHUT
+
+    def opened(self):
+        return self.gap >= self.OPEN
+
+    def yaw_error(self):
+        return wrap_half_pi(self.yaw - finger_yaw(self.env))
+
+    def aligned(self):
+        return abs(self.yaw_error()) < 0.05
+
+    def action(self, goal, eef, gain, grip, speed=1.0):
+        from robosuite.utils.transform_utils import quat2mat
+        down = quat2mat(self.quat)[:, 2]  # the hand's approach axis, (0, 0, -1) when vertical
+        tilt = np.cross(down, [0.0, 0.0, -1.0])  # world rotation vector (sin of the angle) that rights it
         a = np.zeros(7)
-        a[:3] = np.clip(self.gain * (goal - eef), -1, 1)
-        a[5] = yaw_rate
+        a[:3] = np.clip(gain * (goal - eef), -speed, speed)
+        a[3:5] = np.clip(2.0 * tilt[:2], -1, 1)
+        a[5] = np.clip(2.0 * self.yaw_error(), -1, 1)
         a[6] = grip
         return a
 
@@ -272,12 +328,18 @@ def make_env(task, cameras, img_size=128):
     return ControlEnv(bddl_file_name=bddl_path(task), use_camera_obs=False, has_offscreen_renderer=False)
 
 
-def run_episode(env, suite, task_id, rng, init_state=None, max_steps=None, record=False):
+def run_episode(env, suite, task_id, rng, init_state=None, max_steps=None, record=False, dart_noise=0.0):
     """One expert episode. Returns (success, n_steps, recorded demo dict or None).
 
     reset (and set_init_state if given), N_SETTLE zero actions, then the expert acts until `done`
     (the task's success check) or `max_steps`. With record=True, obs and sim state before each action
     are kept with the action, in the official keys.
+
+    dart_noise > 0 is DART (Laskey et al. 2017, "DART: Noise Injection for Robust Imitation Learning"):
+    the env executes the expert's action plus Gaussian noise N(0, dart_noise) on the arm dims 0..5
+    (clipped to [-1, 1]; the gripper is not noised), the closed-loop expert corrects the drift, and the
+    expert's clean action is what is recorded. Such a demo is NOT replayable by its recorded actions
+    (its recorded states are what happened).
     """
     obs = env.reset()
     if init_state is not None:
@@ -285,12 +347,17 @@ def run_episode(env, suite, task_id, rng, init_state=None, max_steps=None, recor
     for _ in range(N_SETTLE):
         obs, _, _, _ = env.step(np.zeros(7))
     expert = make_expert(suite, task_id, env, obs, rng)
+    noise = np.random.default_rng(rng.integers(2**63)) if dart_noise > 0 else None
     frames, done = [], False
     for t in range(max_steps or MAX_STEPS[suite]):
         action = expert.act(obs)
         if record:
             frames.append((obs, env.get_sim_state().copy(), action))
-        obs, _, done, _ = env.step(action)
+        executed = action
+        if noise is not None:
+            executed = action.copy()
+            executed[:6] = np.clip(action[:6] + noise.normal(0.0, dart_noise, 6), -1, 1)
+        obs, _, done, _ = env.step(executed)
         if done:
             break
     return bool(done), t + 1, (to_demo(env, frames) if record and done else None)
@@ -350,7 +417,7 @@ def load_partial(folder):
 
 
 def collect(suite, data_dir, demos_per_task, task_ids=None, seed=0, img_size=128, max_steps=None,
-            max_tries_factor=3, stats=None):
+            max_tries_factor=3, stats=None, dart_noise=0.0):
     """Collect `demos_per_task` successful expert demos per task into the official layout.
 
     Writes `<data_dir>/<suite>/<task.name>_demo.hdf5` per task and returns the list of paths. A task
@@ -359,6 +426,8 @@ def collect(suite, data_dir, demos_per_task, task_ids=None, seed=0, img_size=128
     written atomically at the end and the side folder removed. Each attempt is seeded from
     (seed, task_id, attempt), so a resumed run continues the same sequence of placements.
     If `stats` is a dict, it gets {task_id: seconds per collected demo} for the demos made now.
+    dart_noise > 0 collects DART demos (see run_episode): their recorded actions are the expert's clean
+    ones, so they cannot be replayed by their actions; the file's env_args then carry "dart_noise".
     """
     import shutil
     from tqdm import tqdm
@@ -388,7 +457,8 @@ def collect(suite, data_dir, demos_per_task, task_ids=None, seed=0, img_size=128
             np.random.seed([seed, task_id, attempt])  # robosuite's placement samplers draw from np.random
             rng = np.random.default_rng([seed, task_id, attempt])
             attempt += 1
-            ok, _, demo = run_episode(env, suite, task_id, rng, max_steps=max_steps, record=True)
+            ok, _, demo = run_episode(env, suite, task_id, rng, max_steps=max_steps, record=True,
+                                      dart_noise=dart_noise)
             if not ok:
                 fails += 1
                 continue
@@ -404,6 +474,8 @@ def collect(suite, data_dir, demos_per_task, task_ids=None, seed=0, img_size=128
         env_name = "_".join(w.capitalize() for w in problem_name.split("_"))  # e.g. Libero_Floor_Manipulation
         env_args = {"type": 1, "env_name": env_name, "problem_name": problem_name,
                     "bddl_file": bddl_path(task), "env_kwargs": camera_env_kwargs(task, img_size)}
+        if dart_noise > 0:
+            env_args["dart_noise"] = dart_noise  # actions are the clean expert's, not the executed ones
         data.write_demo_file(path, demos, language=task.language, bddl_file_name=bddl_path(task),
                              env_args=env_args, problem_name=problem_name)
         shutil.rmtree(side, ignore_errors=True)
@@ -414,8 +486,9 @@ def collect(suite, data_dir, demos_per_task, task_ids=None, seed=0, img_size=128
 
 
 # ----------------------------------------------------------------------------- measurement
-def evaluate_expert(suite, task_id, n_init=50, seed=0, max_steps=None):
-    """Expert success over the first `n_init` official init states of a task (no cameras).
+def evaluate_expert(suite, task_id, n_init=50, seed=0, max_steps=None, dart_noise=0.0):
+    """Expert success over the first `n_init` official init states of a task (no cameras), optionally
+    with DART noise on the executed actions (see run_episode).
 
     Returns (success rate, mean episode length in steps, excluding the 5 settle steps)."""
     bm = data.suite_benchmark(suite)
@@ -426,7 +499,7 @@ def evaluate_expert(suite, task_id, n_init=50, seed=0, max_steps=None):
     for i, s in enumerate(init_states):
         np.random.seed([seed, task_id, i])
         ok, n, _ = run_episode(env, suite, task_id, np.random.default_rng([seed, task_id, i]), init_state=s,
-                               max_steps=max_steps)
+                               max_steps=max_steps, dart_noise=dart_noise)
         results.append((ok, n))
     env.close()
     return float(np.mean([r[0] for r in results])), float(np.mean([r[1] for r in results]))
@@ -464,16 +537,22 @@ def main(argv=None):
     c.add_argument("--data-dir", default="data")
     c.add_argument("--tasks", type=int, nargs="+")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dart-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="DART: add N(0, SIGMA) to the executed arm actions; the clean expert action is "
+                        "recorded (demos then replay by states, not by actions)")
     m = sub.add_parser("measure", help="expert success over the official init states, as a markdown table")
     m.add_argument("--suite", required=True)
     m.add_argument("--tasks", type=int, nargs="+")
     m.add_argument("--n-init", type=int, default=50)
     m.add_argument("--no-timing", action="store_true", help="skip timing one collected demo with cameras")
     m.add_argument("--out", help="also write the table to this file")
+    m.add_argument("--dart-noise", type=float, default=0.0, metavar="SIGMA", help="measure under DART noise")
     args = p.parse_args(argv)
 
     if args.suite not in data.SUITES:
         raise SystemExit(f"--suite {args.suite!r}: LIBERO has no such suite; choose one of {', '.join(data.SUITES)}.")
+    if not 0 <= args.dart_noise < 1:
+        raise SystemExit(f"--dart-noise {args.dart_noise}: must be in [0, 1) (a std on actions in [-1, 1]).")
     if args.cmd == "collect":
         if args.demos_per_task < 1:
             raise SystemExit(f"--demos-per-task {args.demos_per_task}: must be at least 1.")
@@ -484,7 +563,8 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"--tasks: no scripted expert for {args.suite} task(s) {missing}; "
                              f"supported: {sorted(SUPPORTED.get(args.suite, ()))}.")
-        for path in collect(args.suite, args.data_dir, args.demos_per_task, tasks, seed=args.seed):
+        for path in collect(args.suite, args.data_dir, args.demos_per_task, tasks, seed=args.seed,
+                            dart_noise=args.dart_noise):
             print(path)
         return
 
@@ -493,7 +573,8 @@ def main(argv=None):
     bm = data.suite_benchmark(args.suite)
     tasks = args.tasks if args.tasks is not None else list(range(bm.n_tasks))
     check_tasks(args.suite, bm, tasks)
-    lines = [f"Scripted expert on {args.suite}, official init states 0..{args.n_init - 1} (no cameras).", "",
+    noise = f", DART noise {args.dart_noise} on the executed arm actions" if args.dart_noise else ""
+    lines = [f"Scripted expert on {args.suite}, official init states 0..{args.n_init - 1} (no cameras{noise}).", "",
              "| task | name | success | mean steps | s / collected demo (2 cameras) |",
              "|---:|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
@@ -504,7 +585,7 @@ def main(argv=None):
             row = f"| {t} | {name} | unsupported: {UNSUPPORTED.get(args.suite, {}).get(t, 'no expert')} | | |"
         else:
             t0 = time.time()
-            rate, steps = evaluate_expert(args.suite, t, args.n_init)
+            rate, steps = evaluate_expert(args.suite, t, args.n_init, dart_noise=args.dart_noise)
             rates.append(rate)
             sec = "" if args.no_timing else f"{time_one_demo(args.suite, t):.1f}"
             row = f"| {t} | {name} | {rate:.0%} ({round(rate * args.n_init)}/{args.n_init}) | {steps:.0f} | {sec} |"

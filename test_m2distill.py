@@ -472,7 +472,7 @@ def test_one_real_libero_episode_feeds_the_policy_dataset_keys():
 def collected(tmp_path_factory):
     """One real expert demo of libero_object task 0, collected with both cameras into a tmp data dir."""
     root = tmp_path_factory.mktemp("expert_data")
-    paths = expert.collect(SUITE, str(root), demos_per_task=1, task_ids=[0], seed=0)
+    paths = expert.collect(SUITE, str(root), demos_per_task=1, task_ids=[0], seed=0, dart_noise=0.0)
     return root, paths[0]
 
 
@@ -506,9 +506,11 @@ def test_collected_file_has_the_official_layout(collected):
 
 @needs_simulator
 def test_replaying_the_recorded_actions_succeeds(collected):
-    """reset, set_init_state(init_state), step the recorded actions: the task's success check fires."""
+    """reset, set_init_state(init_state), step the recorded actions: the task's success check fires.
+    Only noise-free demos replay by their actions (DART demos record the clean, not the executed, ones)."""
     _, path = collected
     with h5py.File(path, "r") as f:
+        assert "dart_noise" not in json.loads(f["data"].attrs["env_args"])
         init_state, actions, states = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()], \
             f["data/demo_0/states"][()]
     env = expert.make_env(data.suite_benchmark(SUITE).get_task(0), cameras=False)
@@ -638,3 +640,62 @@ def test_cli_bad_input_names_the_flag(argv, flag):
         expert.main(argv)
     msg = str(e.value)
     assert msg.startswith(flag) and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- expert: no idle stretches, DART (issue 13)
+def longest_idle_run(actions, tol=1e-3):
+    """Longest run of consecutive steps whose arm action (dims 0..5) has norm below `tol`."""
+    best = cur = 0
+    for still in np.linalg.norm(np.asarray(actions)[:, :6], axis=1) < tol:
+        cur = cur + 1 if still else 0
+        best = max(best, cur)
+    return best
+
+
+@needs_simulator
+def test_expert_demo_never_holds_the_arm_still(collected):
+    """Closing and opening end on the fingers (gripper_states), not on a timer the policy cannot see, and
+    the arm keeps moving meanwhile: no more than 2 consecutive steps with a zero arm action."""
+    _, path = collected
+    with h5py.File(path, "r") as f:
+        a = f["data/demo_0/actions"][()]
+    assert longest_idle_run(a) <= 2
+    assert np.abs(a).max() <= 1.0 and set(np.unique(a[:, 6])) <= {-1.0, 1.0}
+
+
+class CountingEnv:
+    """Just enough of a LIBERO env for run_episode: keeps the actions it executes; done after 40 steps."""
+
+    def reset(self):
+        self.executed = []
+        return {}
+
+    def step(self, action):
+        self.executed.append(np.array(action))
+        return {}, 0.0, len(self.executed) >= expert.N_SETTLE + 40, {}
+
+    def get_sim_state(self):
+        return np.zeros(3)
+
+
+class ConstantExpert:
+    def act(self, obs):
+        return np.array([0.5, -0.99, 0.0, 0.2, 0.0, 0.0, 1.0])
+
+
+def test_dart_noises_executed_arm_actions_and_records_the_clean_ones(monkeypatch):
+    monkeypatch.setattr(expert, "make_expert", lambda *a, **k: ConstantExpert())
+    monkeypatch.setattr(expert, "to_demo", lambda env, frames: np.stack([f[2] for f in frames]))
+    clean = ConstantExpert().act(None)
+    for sigma in (0.0, 0.1):
+        env = CountingEnv()
+        ok, n, recorded = expert.run_episode(env, SUITE, 0, np.random.default_rng(0), record=True, dart_noise=sigma)
+        executed = np.stack(env.executed[expert.N_SETTLE:])
+        assert ok and n == 40 and (recorded == clean).all()  # the clean expert action is recorded
+        assert (executed[:, 6] == clean[6]).all() and np.abs(executed).max() <= 1.0  # gripper never noised
+        noise = executed[:, :6] - clean[:6]
+        if sigma == 0:
+            assert (noise == 0).all()
+        else:
+            assert 0.07 < noise[:, 2:].std() < 0.13 and (noise[:, 1] >= -0.01 - 1e-12).all()  # clipped at -1
+            assert np.abs(noise[:, 2:]).min() > 0
