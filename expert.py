@@ -1,9 +1,12 @@
 """expert.py: scripted LIBERO experts that read privileged sim state, and demo collection in the official layout.
 
 The official LIBERO datasets live on a hub these machines cannot reach, so this module makes real
-demonstrations in the simulator instead: a scripted pick-and-place expert (object poses and collision
-boxes read from MuJoCo, OSC_POSE delta actions in [-1, 1]) drives the robot, and every successful
-episode is written as one `demo_i` of `<data_dir>/<suite>/<task.name>_demo.hdf5` (SPEC.md section 8).
+demonstrations in the simulator instead: scripted experts, one behaviour per bddl goal predicate
+(pick and place, into a drawer after opening it, open a drawer by its handle, turn a knob; object
+poses, collision boxes, joints and sites read from MuJoCo, OSC_POSE delta actions in [-1, 1], gripper
++-1) drive the robot, and every successful episode is written as one `demo_i` of
+`<data_dir>/<suite>/<task.name>_demo.hdf5` (SPEC.md section 8). Every task of LIBERO-Object, -Spatial
+and -Goal is scripted (results/expert_<suite>.md).
 
     python expert.py collect --suite libero_object --demos-per-task 50 [--data-dir data] [--tasks 0 1] [--dart-noise 0.1]
     python expert.py measure --suite libero_object [--tasks 0 1] [--n-init 50] [--dart-noise 0.1]
@@ -109,7 +112,8 @@ def hand_clearance(boxes, xy, yaw, z):
 
 # ----------------------------------------------------------------------------- grasp choices
 def box_grasp(env, obs, body, rng, place=None):
-    """Grasp a box-like object (cans, bottles, cartons) at the centre height of its main collision box.
+    """Grasp a box-like object (cans, bottles, cartons) at the centre height of its main collision box, or
+    3.5 cm below its top if that is higher.
 
     Yaw: close across the narrowest horizontal side of that box (either side of a square one). Point:
     shifted up to 2.5 cm along its longest horizontal side. Among these, the choice that leaves the hand
@@ -122,7 +126,10 @@ def box_grasp(env, obs, body, rng, place=None):
     if not axes:
         return np.zeros(2), None, 0.0
     o, boxes = obs[body + "_pos"], scene_boxes(env, exclude=(body,))
-    dz = float(box[2][2] - o[2])  # objects whose origin is at their bottom (bottles) are held mid-body
+    # mid-body (the origin of some objects, bottles, is at their bottom), but high enough that the palm,
+    # 3.1 cm above the fingertips, clears the object's top (a wine bottle is then held by its neck)
+    top = max(c[2] + (np.abs(rot) @ half)[2] for half, rot, c in body_boxes(env, env.env.obj_body_id[body]))
+    dz = float(max(box[2][2], top - 0.035) - o[2])
     narrow = min(a[0] for a in axes)
     yaws = [np.arctan2(ax[1], ax[0]) for half, ax in axes if half <= narrow + 0.005]
     long_half, long_ax = max(axes, key=lambda a: a[0])
@@ -260,7 +267,6 @@ class PickPlace(Script):
         self.offset, self.yaw, self.grasp_dz = self.grasp(self.env, obs, self.body, self.rng, place=place)
         self.phase, self.t = 0, 0
 
-
     def act(self, obs):
         eef, o, tgt_obj = obs["robot0_eef_pos"], obs[self.body + "_pos"], self.target(obs)
         grasp_pt = np.array([*(o[:2] + self.offset), o[2] + self.grasp_dz])
@@ -312,8 +318,6 @@ class PickPlace(Script):
             goal = np.array([eef[0], eef[1], self.lift_z])
             self.done = eef[2] > self.lift_z - 0.03
 
-        if self.phase == 5:
-            self.release_gap = self.hand.gap  # the finger gap on the object when opening starts
         # The object fell out while lifting or carrying: start over (a few times at most).
         if self.phase in (3, 4) and self.t > 15 and o[2] < self.z0 + 0.02 and eef[2] > self.z0 + 0.08 \
                 and self.retries < 3:
@@ -439,12 +443,14 @@ class OpenDrawer(Script):
     """Open the drawer of region site `region` (LIBERO's Open predicate) by its handle.
 
     The handle is the drawer's collision box that sticks out farthest along the opening direction u.
-    From above, the hand's 20 cm palm would hit the drawers above, so the hand turns to point its
-    fingers horizontally into the drawer (along -u) with its closing axis vertical, as a person does:
-    0 go 8 cm in front of the handle, 1 slide the fingers over the bar, 2 close on it while already
-    pulling slowly (ends when the fingers stop), 3 pull until the slide joint is in the open range,
-    4 open while easing outwards (ends when the fingers are wide open), 5 back off and up, then pitch
-    the fingers down again (then `done`).
+    From above, the hand's 20 cm palm would hit the drawers above, so the hand points its fingers
+    horizontally into the drawer (along -u) with its closing axis vertical, as a person does. Phases:
+    0 14 cm in front of the handle and above it, pointing down with the closing axis along u (from there
+    the turn to horizontal is a pure pitch, clear of the wrist's limits), 1 pitch the fingers horizontal,
+    8 cm in front of the handle, 2 slide them over the bar, 3 close on it while already pulling slowly
+    (ends when the fingers stop), 4 pull until the slide joint is in the open range, 5 open while easing
+    outwards (ends when the fingers are wide open), 6 back off and up, 7 pitch the fingers down again
+    (then `done`).
     """
 
     def __init__(self, env, obs, region, rng):
@@ -454,46 +460,53 @@ class OpenDrawer(Script):
         self.depth = rng.uniform(0.002, 0.006)  # how far past the bar's centre the fingertips go
 
     def handle(self):
-        """Centre (3,) and half-thickness along u of the handle bar (it moves with the drawer)."""
+        """Centre (3,) of the handle bar (it moves with the drawer)."""
         u = self.joint.direction()
-        half, rot, c = max(body_boxes(self.env, self.joint.bid), key=lambda b: b[2] @ u)
-        return c, float((np.abs(rot) @ half) @ np.abs(u))
+        return max(body_boxes(self.env, self.joint.bid), key=lambda b: b[2] @ u)[2]
 
     def act(self, obs):
         eef, u = obs["robot0_eef_pos"], self.joint.direction()
         self.hand.see(obs)
-        if self.phase < 5:
+        if 1 <= self.phase <= 6:
             self.hand.approach, self.hand.closing = -u, np.array([0.0, 0.0, 1.0])
-        bar, _ = self.handle()
+        else:
+            self.hand.approach, self.hand.closing = Hand.DOWN, u
+        bar = self.handle()
         grip, speed, goal = -1.0, 1.0, eef.copy()
-        if self.phase == 0:  # in front of the handle, fingers pointing at it
+        if self.phase == 0:  # in front of and above the handle, closing axis along the pull (the palm,
+            goal = bar + u * (self.front + 0.06) + [0, 0, 0.05]  # 10 cm to each side of it, clear of the cabinet)
+            if (np.linalg.norm(goal - eef) < 0.02 and self.hand.aligned()) or self.t > 100:
+                self.next_phase()
+        elif self.phase == 1:  # pitch the fingers horizontal, in front of the handle
             goal = bar + u * self.front
             if (np.linalg.norm(goal - eef) < 0.01 and self.hand.aligned()) or self.t > 100:
                 self.next_phase()
-        elif self.phase == 1:  # slide the fingers over the bar
+        elif self.phase == 2:  # slide the fingers over the bar
             goal, speed = bar - u * self.depth, 0.5
             if np.linalg.norm(goal - eef) < 0.005 or self.t > 40:
                 self.next_phase()
-        elif self.phase == 2:  # close on the bar, already pulling slowly
+        elif self.phase == 3:  # close on the bar, already pulling slowly
             grip, goal, speed = 1.0, bar + u * 0.01, 0.15
             if self.t >= 2 and self.hand.held():
                 self.next_phase()
             elif self.hand.shut() and self.retries < 3:
                 self.retries += 1
-                self.phase, self.t = 0, 0
-        elif self.phase == 3:  # pull until the joint is in the open range
+                self.phase, self.t = 1, 0
+        elif self.phase == 4:  # pull until the joint is in the open range
             grip, goal, speed = 1.0, bar + u * 0.06, 0.3
             if self.joint.reached(0.005):
                 self.next_phase()
-        elif self.phase == 4:  # let go, easing outwards
+        elif self.phase == 5:  # let go, easing outwards
             goal, speed = eef + 0.01 * u, 0.1
             if self.hand.opened():
                 self.next_phase()
-        else:  # back off and up, then pitch the fingers down again (closing axis along the pull)
+        elif self.phase == 6:  # back off and up
             goal = bar + u * (self.front + 0.04) + [0, 0, 0.08]
-            if np.linalg.norm(goal - eef) < 0.02 or self.hand.approach[2] < 0:
-                self.hand.approach, self.hand.closing = Hand.DOWN, u
-            self.done = self.hand.approach[2] < 0 and self.hand.aligned()
+            if np.linalg.norm(goal - eef) < 0.02 or self.t > 60:
+                self.next_phase()
+        else:  # pitch the fingers down again, then hand over
+            goal = bar + u * (self.front + 0.04) + [0, 0, 0.08]
+            self.done = self.hand.aligned()
         self.t += 1
         return self.hand.action(goal, eef, self.gain, grip, speed)
 
@@ -604,11 +617,9 @@ def make_expert(suite, task_id, env, obs, rng):
         plate_z = obs[where + "_pos"][2]
         return PickPlace(env, obs, body, where, rng, grasp=rim_grasp, release_z=plate_z + 0.025,
                          lift_z=max(z0, plate_z) + 0.25)
-    site = env.env.object_sites_dict.get(where)
-    grasp = rim_grasp if body.startswith("akita_black_bowl") else box_grasp
+    site, grasp = env.env.object_sites_dict.get(where), grasp_for(env, body)
     if site is not None and site.parent_name is None:  # On(X, <table region>): set X down in the region
         spot = free_spot(env, obs, body, where)
-        grasp = dish_grasp if is_dish(env, body) else grasp
         return PickPlace(env, obs, body, lambda o: spot, rng, grasp=grasp, lift_z=z0 + 0.15)
     target = (lambda o: on_site(env, o, where)) if site is not None else where
     lift_z = max(z0, target_pos(env, obs, where)[2]) + 0.25
@@ -617,6 +628,11 @@ def make_expert(suite, task_id, env, obs, rng):
                                   lift_z=target_pos(env, o, where)[2] + 0.12)
         return clear_then(env, obs, where, rng, lambda o: Sequence(OpenDrawer(env, o, where, rng), put))
     return PickPlace(env, obs, body, target, rng, grasp=grasp, release_z=None, lift_z=lift_z)
+
+
+def grasp_for(env, body):
+    """Bowls by the rim, plates by their rim's collision boxes, anything else across its main box."""
+    return rim_grasp if body.startswith("akita_black_bowl") else dish_grasp if is_dish(env, body) else box_grasp
 
 
 def clear_then(env, obs, region, rng, then):
@@ -635,11 +651,9 @@ def clear_then(env, obs, region, rng, then):
         # in the way, or under the pulled-out drawer where the hand could not reach it from above
         if any(np.all(b[1][:2] > lo[:2]) and np.all(b[0][:2] < hi[:2]) and b[0][2] < hi[2]
                for b in boxes for lo, hi in sweep):
-            spot = free_spot(env, obs, name, around=u, sweep=np.array(sweep))
-            grasp = rim_grasp if name.startswith("akita_black_bowl") else box_grasp
-            z0 = obs[name + "_pos"][2]
-            return Sequence(PickPlace(env, obs, name, lambda o: spot, rng, grasp=grasp, release_z=z0 + 0.015,
-                                      lift_z=z0 + 0.12), then)
+            spot, z0 = free_spot(env, obs, name, around=u, sweep=np.array(sweep)), obs[name + "_pos"][2]
+            return Sequence(PickPlace(env, obs, name, lambda o: spot, rng, grasp=grasp_for(env, name),
+                                      release_z=z0 + 0.015, lift_z=z0 + 0.12), then)
     return then(obs)
 
 
