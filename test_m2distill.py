@@ -636,7 +636,7 @@ def test_one_real_libero_episode_feeds_the_policy_dataset_keys():
 def collected(tmp_path_factory):
     """One real expert demo of libero_object task 0, collected with both cameras into a tmp data dir."""
     root = tmp_path_factory.mktemp("expert_data")
-    paths = expert.collect(SUITE, str(root), demos_per_task=1, task_ids=[0], seed=0)
+    paths = expert.collect(SUITE, str(root), demos_per_task=1, task_ids=[0], seed=0, dart_noise=0.0)
     return root, paths[0]
 
 
@@ -670,9 +670,11 @@ def test_collected_file_has_the_official_layout(collected):
 
 @needs_simulator
 def test_replaying_the_recorded_actions_succeeds(collected):
-    """reset, set_init_state(init_state), step the recorded actions: the task's success check fires."""
+    """reset, set_init_state(init_state), step the recorded actions: the task's success check fires.
+    Only noise-free demos replay by their actions (DART demos record the clean, not the executed, ones)."""
     _, path = collected
     with h5py.File(path, "r") as f:
+        assert "dart_noise" not in json.loads(f["data"].attrs["env_args"])
         init_state, actions, states = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()], \
             f["data/demo_0/states"][()]
     env = expert.make_env(data.suite_benchmark(SUITE).get_task(0), cameras=False)
@@ -782,7 +784,8 @@ def test_collect_resumes_from_partial_demos(collected, tmp_path):
 
 
 def test_unsupported_tasks_are_reported_not_faked():
-    for suite, tasks in expert.UNSUPPORTED.items():
+    unsupported = dict(expert.UNSUPPORTED, libero_10={0: "no scripted expert for this suite"})
+    for suite, tasks in unsupported.items():
         for t in tasks:
             assert t not in expert.SUPPORTED.get(suite, ())
             with pytest.raises(NotImplementedError, match=suite):
@@ -1672,3 +1675,121 @@ def test_bert_is_only_read_from_disk_never_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_minilm_embeddings", lambda langs: torch.zeros(len(langs), 384))
     emb, kind = data.task_embeddings(["pick up the soup"], "bert", str(tmp_path))
     assert kind == "minilm" and asked and all(asked)  # the hub is never asked: an offline machine does not wait
+
+
+# ----------------------------------------------------------------------------- expert: no idle stretches, DART (issue 13)
+def longest_idle_run(actions, tol=1e-3):
+    """Longest run of consecutive steps whose arm action (dims 0..5) has norm below `tol`."""
+    best = cur = 0
+    for still in np.linalg.norm(np.asarray(actions)[:, :6], axis=1) < tol:
+        cur = cur + 1 if still else 0
+        best = max(best, cur)
+    return best
+
+
+@needs_simulator
+def test_expert_demo_never_holds_the_arm_still(collected):
+    """Closing and opening end on the fingers (gripper_states), not on a timer the policy cannot see, and
+    the arm keeps moving meanwhile: no more than 2 consecutive steps with a zero arm action."""
+    _, path = collected
+    with h5py.File(path, "r") as f:
+        a = f["data/demo_0/actions"][()]
+    assert longest_idle_run(a) <= 2
+    assert np.abs(a).max() <= 1.0 and set(np.unique(a[:, 6])) <= {-1.0, 1.0}
+
+
+class CountingEnv:
+    """Just enough of a LIBERO env for run_episode: keeps the actions it executes; done after 40 steps."""
+
+    def reset(self):
+        self.executed = []
+        return {}
+
+    def step(self, action):
+        self.executed.append(np.array(action))
+        return {}, 0.0, len(self.executed) >= expert.N_SETTLE + 40, {}
+
+    def get_sim_state(self):
+        return np.zeros(3)
+
+
+class ConstantExpert:
+    def act(self, obs):
+        return np.array([0.5, -0.99, 0.0, 0.2, 0.0, 0.0, 1.0])
+
+
+def test_dart_noises_executed_arm_actions_and_records_the_clean_ones(monkeypatch):
+    monkeypatch.setattr(expert, "make_expert", lambda *a, **k: ConstantExpert())
+    monkeypatch.setattr(expert, "to_demo", lambda env, frames: np.stack([f[2] for f in frames]))
+    clean = ConstantExpert().act(None)
+    for sigma in (0.0, 0.1):
+        env = CountingEnv()
+        ok, n, recorded = expert.run_episode(env, SUITE, 0, np.random.default_rng(0), record=True, dart_noise=sigma)
+        executed = np.stack(env.executed[expert.N_SETTLE:])
+        assert ok and n == 40 and (recorded == clean).all()  # the clean expert action is recorded
+        assert (executed[:, 6] == clean[6]).all() and np.abs(executed).max() <= 1.0  # gripper never noised
+        noise = executed[:, :6] - clean[:6]
+        if sigma == 0:
+            assert (noise == 0).all()
+        else:
+            assert 0.07 < noise[:, 2:].std() < 0.13 and (noise[:, 1] >= -0.01 - 1e-12).all()  # clipped at -1
+            assert np.abs(noise[:, 2:]).min() > 0
+
+
+# ----------------------------------------------------------------------------- expert: every task of the paper's suites (issue 14)
+NEW_BEHAVIOURS = {0: "drawer", 5: "plate into a table region", 7: "knob", 9: "rack"}  # LIBERO-Goal task ids
+
+
+@pytest.fixture(scope="module")
+def goal_demos(tmp_path_factory):
+    """One real expert demo of each new LIBERO-Goal behaviour, collected at 32 px: {task_id: hdf5 path}."""
+    root = tmp_path_factory.mktemp("goal_data")
+    tasks = sorted(NEW_BEHAVIOURS)
+    return dict(zip(tasks, expert.collect("libero_goal", str(root), 1, task_ids=tasks, seed=0, img_size=32)))
+
+
+@needs_simulator
+@pytest.mark.parametrize("task_id", sorted(NEW_BEHAVIOURS))
+def test_new_behaviour_demo_replays_to_success_in_libero_convention(goal_demos, task_id):
+    """A collected demo of each new behaviour, replayed by its actions from its init state, gets the env's
+    success; its actions are OSC deltas in [-1, 1] with the gripper exactly +-1 and no idle stretch."""
+    with h5py.File(goal_demos[task_id], "r") as f:
+        init_state, actions = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()]
+    assert np.abs(actions).max() <= 1.0 and set(np.unique(actions[:, 6])) <= {-1.0, 1.0}
+    assert longest_idle_run(actions) <= 2
+    env = expert.make_env(data.suite_benchmark("libero_goal").get_task(task_id), cameras=False)
+    try:
+        env.reset()
+        env.set_init_state(init_state)
+        done_at = None
+        for t, a in enumerate(actions):
+            if env.step(a)[2]:
+                done_at = t
+                break
+    finally:
+        env.close()
+    assert done_at is not None and done_at >= len(actions) - 5, NEW_BEHAVIOURS[task_id]
+
+
+def pointing_down_obs(yaw, q7):
+    """Proprioception of a hand pointing straight down with its closing axis at `yaw` (rad)."""
+    from robosuite.utils.transform_utils import mat2quat
+    y = np.array([np.cos(yaw), np.sin(yaw), 0.0])
+    z = np.array([0.0, 0.0, -1.0])
+    rot = np.stack([np.cross(y, z), y, z], axis=1)
+    return {"robot0_gripper_qpos": np.array([0.04, -0.04]), "robot0_eef_quat": mat2quat(rot),
+            "robot0_joint_pos": np.array([0, 0, 0, -2, 0, 2, q7])}
+
+
+def test_hand_turns_the_way_its_last_wrist_joint_allows_and_never_flips_mid_turn():
+    """Of the two symmetric grasps (closing axis c or -c), the hand takes the one that keeps wrist joint 7
+    inside its range, and keeps that choice until it gets there: a half-turn flip mid-carry swung bowls
+    off their plates (LIBERO-Spatial 4, 6, 9)."""
+    hand = expert.Hand(pointing_down_obs(0.0, 2.0))
+    hand.yaw = -0.5  # turns the hand about its own (downward) z axis by +0.5: joint 7 to 2.5, inside
+    assert hand.rotation_error()[2] == pytest.approx(-0.5, abs=1e-4)
+    hand.see(pointing_down_obs(-0.45, 2.7))  # nearly there, joint 7 now past 2.6: it still finishes the turn
+    assert hand.rotation_error()[2] == pytest.approx(-0.05, abs=1e-4)
+    hand = expert.Hand(pointing_down_obs(0.0, -2.5))
+    hand.yaw = 0.5  # the short way would take joint 7 to -3.0, past its stop: the other way round
+    assert hand.rotation_error()[2] == pytest.approx(-(np.pi - 0.5), abs=1e-4)
