@@ -13,8 +13,9 @@ and -Goal is scripted (results/expert_<suite>.md).
 
 Episode design (matches LIBERO's evaluation loop): env.reset() with random placements, 5 unrecorded
 zero actions (objects settle), then every step records (obs, sim state) *before* the action and the
-action itself, until the task's success check fires. `init_state` is the first recorded state, so
-`env.reset(); env.set_init_state(init_state)` then stepping `actions` replays the demo. (LIBERO's own
+action itself, until the task's success check fires. `init_state` is the first recorded state and
+`model_file` the scene's XML, so `replay` (the fixtures' poses from the XML, set init_state, step
+`actions`) reproduces the demo exactly. (LIBERO's own
 create_dataset.py pairs actions[t] with the observation *after* it; here obs[t] is what the expert saw
 when it chose actions[t], which is what a policy sees at evaluation.) With --dart-noise the executed
 actions are noised and the clean ones recorded (DART), so such demos replay by their states only.
@@ -722,6 +723,8 @@ def run_episode(env, suite, task_id, rng, init_state=None, max_steps=None, recor
         obs = env.set_init_state(init_state)
     for _ in range(N_SETTLE):
         obs, _, _, _ = env.step(np.zeros(7))
+    if record:  # a recorded demo starts as its replay will: its actions then reproduce its states exactly
+        obs = restart(env, env.sim.model.get_xml(), env.get_sim_state())
     expert = make_expert(suite, task_id, env, obs, rng)
     noise = np.random.default_rng(rng.integers(2**63)) if dart_noise > 0 else None
     frames, done = [], False
@@ -737,6 +740,38 @@ def run_episode(env, suite, task_id, rng, init_state=None, max_steps=None, recor
         if done:
             break
     return bool(done), t + 1, (to_demo(env, frames) if record and done else None)
+
+
+def restart(env, model_file, state):
+    """Start `env` from a recorded flattened MuJoCo `state` (qpos, qvel, time; e.g. a demo's init_state) in the scene
+    of the demo's `model_file` XML. Returns the observation. The flattened state does not hold the fixtures (cabinet,
+    stove, wine rack): LIBERO places them in the model at every reset, up to ~1.6 cm apart, so `reset()` +
+    `set_init_state` alone moves a drawer or a knob under the recorded actions. LIBERO's replay
+    (scripts/create_dataset.py) reloads the whole model from the XML, but MuJoCo's saved XML does not keep how
+    the inertias were computed (reloaded, the bowl weighs 46 g instead of 5.6 g), so only the poses of the
+    jointless bodies under the world are taken from it, after a reset. `run_episode` starts every recorded demo
+    this way too, so the solver's warm start and the controller's cached pose are a replay's: the actions then
+    reproduce the recorded states exactly. Raises KeyError if the XML names a body this env does not have."""
+    import xml.etree.ElementTree as ET
+    env.reset()
+    model = env.sim.model
+    for body in ET.fromstring(model_file).find("worldbody").findall("body"):
+        if body.find("joint") is None and body.find("freejoint") is None:
+            i = model.body_name2id(body.get("name"))
+            for key, values in (("pos", model.body_pos), ("quat", model.body_quat)):
+                if body.get(key):
+                    values[i] = np.array(body.get(key).split(), dtype=float)
+    return env.set_init_state(state)
+
+
+def replay(env, model_file, init_state, actions):
+    """Step a demo's `actions` (T, 7) from its `init_state` in its scene (`restart`). Returns the index of the first
+    step after which the env's success check fires, or None if it never does."""
+    restart(env, model_file, init_state)
+    for t, action in enumerate(actions):
+        if env.step(action)[2]:
+            return t
+    return None
 
 
 def to_demo(env, frames):
