@@ -751,7 +751,7 @@ def restart(env, model_file, state):
     the inertias were computed (reloaded, the bowl weighs 46 g instead of 5.6 g), so only the poses of the
     jointless bodies under the world are taken from it, after a reset. `run_episode` starts every recorded demo
     this way too, so the solver's warm start and the controller's cached pose are a replay's: the actions then
-    reproduce the recorded states exactly. Raises KeyError if the XML names a body this env does not have."""
+    reproduce the recorded states exactly. Raises ValueError if the XML names a body this env does not have."""
     import xml.etree.ElementTree as ET
     env.reset()
     model = env.sim.model

@@ -670,7 +670,7 @@ def test_collected_file_has_the_official_layout(collected):
 
 @needs_simulator
 def test_replaying_the_recorded_actions_succeeds(collected):
-    """expert.replay (LIBERO's way: the demo's model_file, its init_state, its actions) reproduces every recorded
+    """expert.replay (the demo's scene from its model_file, its init_state, its actions) reproduces every recorded
     state (to 1e-9: collected with cameras, replayed without, the sums round differently) and the task's success
     check fires at the last action.
     Only noise-free demos replay by their actions (DART demos record the clean, not the executed, ones)."""
