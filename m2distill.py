@@ -135,14 +135,35 @@ def make_batch(dataset, idx, memory, batch_size, generator=None):
     return data.cat_batches([batch, memory.sample(batch_size, generator)]) if memory else batch  # no or an empty memory
 
 
-def train_step(policy, old, batch, opt, args):
-    """One gradient step on L; the old model runs once, without autograd, on the same batch."""
+def gripper_wrong_weight(out, actions):
+    """The GMM's mixture weight on gripper modes of the wrong sign, summed over the demo steps where the gripper is
+    open and where it is closed (LIBERO's gripper command: -1 open, +1 closed):
+
+        W_open   = sum_{(b,t): a_t^g < 0} sum_m w_m(o_<=t) [mu_m^g >= 0]
+        W_closed = sum_{(b,t): a_t^g > 0} sum_m w_m(o_<=t) [mu_m^g <= 0]
+
+    out: means (B, T, M, 7) and logits (B, T, M); actions (B, T, 7). -> tensor (4,): W_open, the open steps' count,
+    W_closed, the closed steps' count (sums, so an epoch adds them up). W / count is ~the demos' prior (0.75 / 0.25 on
+    LIBERO-Goal's bowl tasks) when the gripper ignores the observation, which no rollout can then recover from; the
+    GMM loss barely sees it (README, Budget 3)."""
+    w = out["logits"].detach().softmax(-1)  # (B, T, M)
+    g, mu = actions[..., 6:7], out["means"].detach()[..., 6]  # (B, T, 1), (B, T, M)
+    wrong = (w * (torch.sign(mu) != torch.sign(g))).sum(-1)  # (B, T); mu exactly 0 counts as wrong
+    opened, closed = g[..., 0] < 0, g[..., 0] > 0
+    return torch.stack([wrong[opened].sum(), opened.sum(), wrong[closed].sum(), closed.sum()]).float().cpu()
+
+
+def train_step(policy, old, batch, opt, args, fit=None):
+    """One gradient step on L; the old model runs once, without autograd, on the same batch. `fit`, a (4,) tensor,
+    has the step's gripper_wrong_weight added to it."""
     policy.train()
     batch = {**batch, "obs": augment_obs(batch["obs"])}  # one draw, seen by both models
     out = policy(batch["obs"], batch["task_emb"])
     with torch.no_grad():
         old_out = None if old is None else old(batch["obs"], batch["task_emb"])
     loss, terms = total_loss(out, old_out, batch, args)
+    if fit is not None:
+        fit += gripper_wrong_weight(out, batch["actions"])
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} ({ {k: round(v.item(), 3) for k, v in terms.items()} }); "
                                  "lower --lr or check the demonstration file for NaN/inf values.")
@@ -228,7 +249,8 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
 
 
 # results.json lists, one entry per task
-PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "demos")
+PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "demos",
+            "gripper_fit")
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
@@ -283,7 +305,7 @@ def first_task_from(args, res):
     with rollouts.exits(f"--first-task-from {src}: "):
         ckpt = read_checkpoint(os.path.join(src, "task0.pt"), fix="train the first task here instead")
     save_torch(ckpt, os.path.join(args.out, "task0.pt"))
-    res.update({k: other[k][:1] for k in PER_TASK if k in other}, first_task_from=src, task_emb=other.get("task_emb"))
+    res.update({k: other.get(k, [None])[:1] for k in PER_TASK}, first_task_from=src, task_emb=other.get("task_emb"))
     return res
 
 
@@ -335,14 +357,17 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E, rollouts of
     the task at epochs 0, eval_every, ..., the best checkpoint (ties: the later) loaded at the end. Every epoch the
     whole training state goes to <out>/progress.pt: a run killed mid-task resumes after its last finished epoch and
-    ends exactly as an uninterrupted one. Returns the success curve, FWT_k and the episodes of each curve point."""
+    ends exactly as an uninterrupted one. Returns the success curve, FWT_k, the episodes of each curve point and the
+    gripper fit of every epoch 1..E: [W_open / open steps, W_closed / closed steps] (gripper_wrong_weight) over the
+    batches the epoch trained on (None: no such step)."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=1e-5)
     g = torch.Generator().manual_seed(args.seed * 1000 + j)  # batches and replay draws
     torch.manual_seed(args.seed * 1000 + j)  # augmentation, dropout, KL samples: one stream per task
-    st = {"task": j, "epoch": -1, "curve": [], "curve_episodes": [], "best": -1.0, "best_state": None, "best_idx": 0}
+    st = {"task": j, "epoch": -1, "curve": [], "curve_episodes": [], "best": -1.0, "best_state": None, "best_idx": 0,
+          "gripper": []}
     progress = os.path.join(args.out, "progress.pt")
     if os.path.exists(progress):
         try:
@@ -358,24 +383,27 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
             if saved["cuda_rng"]:
                 torch.cuda.set_rng_state_all(saved["cuda_rng"])
             res["seconds"].update({k_: saved["seconds"][k_] for k_ in ("train", "eval") if k_ in saved["seconds"]})
+            saved.setdefault("gripper", [None] * max(saved["epoch"], 0))  # a progress.pt from before the field
             st = {k_: saved[k_] for k_ in st}
             tqdm.write(f"task {k}: resuming after epoch {st['epoch']} ({progress})")
     for epoch in range(st["epoch"] + 1, args.epochs + 1):
         if epoch > 0:
             t0 = time.time()
-            order = torch.randperm(len(train), generator=g).split(args.batch_size)
+            order, fit = torch.randperm(len(train), generator=g).split(args.batch_size), torch.zeros(4)
             bar = tqdm(order, desc=f"task {k} epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
             for idx in bar:
                 batch = to_device(make_batch(train, idx, memory, args.batch_size, g), task_embs, args.device)
-                terms = train_step(policy, old, batch, opt, args)
+                terms = train_step(policy, old, batch, opt, args, fit)
                 bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
             sched.step()
+            st["gripper"].append([round((fit[i] / fit[i + 1]).item(), 4) if fit[i + 1] else None for i in (0, 2)])
             res["seconds"]["train"] = res["seconds"].get("train", 0) + time.time() - t0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             success, episodes = evaluate(policy, [k])[k]
             st["curve"].append(success)
             st["curve_episodes"].append(episodes)
-            tqdm.write(f"task {k} epoch {epoch}: success {success}" + (f" ({episodes} episodes)" if episodes else ""))
+            tqdm.write(f"task {k} epoch {epoch}: success {success}" + (f" ({episodes} episodes)" if episodes else "")
+                       + (f"; gripper weight on the wrong sign, demo open / closed: {st['gripper'][-1]}" if epoch else ""))
             if success is None or success >= st["best"]:
                 st.update(best=success or 0.0, best_state=copy.deepcopy(policy.state_dict()),
                           best_idx=len(st["curve"]) - 1)
@@ -386,7 +414,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     policy.load_state_dict(st["best_state"])
     curve, b = st["curve"], st["best_idx"]
     fwt_k = None if curve[0] is None else float(np.mean(curve[:b] + [curve[b]] * (len(curve) - b)))  # held at its best
-    return curve, fwt_k, st["curve_episodes"]
+    return curve, fwt_k, st["curve_episodes"], st["gripper"]
 
 
 def run(args, evaluate=None):
@@ -458,13 +486,14 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         elif j >= done:
             tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
                        f"({len(train)} sequences)")
-            curve, fwt_k, curve_episodes = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
+            curve, fwt_k, curve_episodes, gripper_fit = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
             row = evaluate(policy, args.tasks[:j + 1])
             res["success"].append([row[i][0] for i in args.tasks[:j + 1]])
             res["episodes"].append([row[i][1] for i in args.tasks[:j + 1]])
             res["curves"].append(curve)
             res["curve_episodes"].append(curve_episodes)
             res["fwt_k"].append(fwt_k)
+            res["gripper_fit"].append(gripper_fit)
             res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
             res["tasks"].append(bench.get_task(k).name)
             res["task_ids"].append(k)

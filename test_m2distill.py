@@ -7,6 +7,7 @@ import errno
 import functools
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -373,11 +374,38 @@ def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_di
     assert torch.load(tmp_path / "cut" / "progress.pt", weights_only=False)["epoch"] == 1
     monkeypatch.setattr(m2distill, "train_step", step)
     res = m2distill.run(args(tmp_path / "cut"), evaluate=scripted_rollouts())
-    for k in ("success", "curves", "fwt_k", "nll"):
+    for k in ("success", "curves", "fwt_k", "nll", "gripper_fit"):
         assert res[k] == ref[k], k
     a, b = (torch.load(tmp_path / d / "task1.pt")["state_dict"] for d in ("ref", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # same weights: optimizer, schedule and random streams restored
     assert not os.path.exists(tmp_path / "cut" / "progress.pt")
+
+
+def test_gripper_wrong_weight_counts_the_weight_on_modes_of_the_wrong_sign():
+    """Two modes, open (mean -1) and closed (+1), weighted 1/4 and 3/4 at every step: where the demo is open the
+    wrong-sign weight is 3/4, where it is closed 1/4; a mean of exactly 0 is wrong for both, a command of 0 counts
+    for neither; and a policy whose weights follow the demo scores 0."""
+    means = torch.zeros(1, 4, 3, 7)
+    means[..., 0, 6], means[..., 1, 6] = -1.0, 1.0  # mode 2: gripper mean 0
+    logits = torch.tensor([math.log(0.25), math.log(0.75), -1e9]).expand(1, 4, 3)
+    actions = torch.zeros(1, 4, 7)
+    actions[0, :, 6] = torch.tensor([-1.0, -1.0, 1.0, 0.0])
+    fit = m2distill.gripper_wrong_weight({"means": means, "logits": logits}, actions)
+    assert fit.tolist() == pytest.approx([1.5, 2, 0.25, 1])
+    mid = m2distill.gripper_wrong_weight({"means": means, "logits": torch.tensor([0.0, -1e9, 0.0]).expand(1, 4, 3)},
+                                         actions)
+    assert mid.tolist() == pytest.approx([1.0, 2, 1.0, 1])  # the open mode right, the zero-mean mode wrong
+    follows = torch.where(actions[..., 6:7] < 0, torch.tensor([0.0, -1e9, -1e9]), torch.tensor([-1e9, 0.0, -1e9]))
+    assert m2distill.gripper_wrong_weight({"means": means, "logits": follows}, actions).tolist() == [0, 2, 0, 1]
+
+
+def test_every_run_records_the_gripper_fit_of_every_epoch(suite_dir, tmp_path):
+    """results.json holds, per task, one [open, closed] wrong-sign weight per epoch, each a fraction (the demo
+    gripper is open and closed in every tiny demo), so a run whose gripper ignores the observation is seen."""
+    res = m2distill.run(tiny_args(suite_dir, tmp_path, epochs=2))
+    assert len(res["gripper_fit"]) == len(res["tasks"]) == 2
+    assert all(len(f) == 2 and all(0 <= v <= 1 for e in f for v in e) for f in res["gripper_fit"])
+    assert json.load(open(tmp_path / "results.json"))["gripper_fit"] == res["gripper_fit"]
 
 
 def test_every_algorithm_shares_the_first_task_and_can_start_from_anothers(suite_dir, tmp_path, monkeypatch):
@@ -1586,7 +1614,7 @@ def test_the_run_says_where_it_wrote_and_what_a_rerun_has_left(suite_dir, tmp_pa
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'task0.pt'}, {tmp_path / 'results.json'}" in out
     name0 = data.suite_benchmark(SUITE).get_task(0).name
-    monkeypatch.setattr(m2distill, "learn_task", lambda *a: (calls.append(a[6]), ([None], None, [0]))[1])
+    monkeypatch.setattr(m2distill, "learn_task", lambda *a: (calls.append(a[6]), ([None], None, [0], []))[1])
     m2distill.main(argv)
     out = capsys.readouterr().out
     assert f"--out {tmp_path} holds 1 finished task(s) of 2: {name0}; resuming with the next one." in out
