@@ -143,9 +143,9 @@ def gripper_wrong_weight(out, actions):
         W_closed = sum_{(b,t): a_t^g > 0} sum_m w_m(o_<=t) [mu_m^g <= 0]
 
     out: means (B, T, M, 7) and logits (B, T, M); actions (B, T, 7). -> tensor (4,): W_open, the open steps' count,
-    W_closed, the closed steps' count (sums, so an epoch adds them up). W / count is ~the demos' prior (0.75 / 0.25 on
-    LIBERO-Goal's bowl tasks) when the gripper ignores the observation, which no rollout can then recover from; the
-    GMM loss barely sees it (README, Budget 3)."""
+    W_closed, the closed steps' count (sums, so an epoch adds them up). A gripper that ignores the observation has
+    W / count at about the demos' prior (0.75 / 0.25 on LIBERO-Goal's bowl tasks) and fails its rollouts, while the
+    GMM loss hardly differs (README, Budget 3)."""
     w = out["logits"].detach().softmax(-1)  # (B, T, M)
     g, mu = actions[..., 6:7], out["means"].detach()[..., 6]  # (B, T, 1), (B, T, M)
     wrong = (w * (torch.sign(mu) != torch.sign(g))).sum(-1)  # (B, T); mu exactly 0 counts as wrong
@@ -486,7 +486,8 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         elif j >= done:
             tqdm.write(f"== task {k} ({j + 1} of {len(args.tasks)}): {bench.get_task(k).language} "
                        f"({len(train)} sequences)")
-            curve, fwt_k, curve_episodes, gripper_fit = learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res)
+            curve, fwt_k, curve_episodes, gripper_fit = learn_task(policy, old, train, memory, task_embs, args, j,
+                                                                   evaluate, res)
             row = evaluate(policy, args.tasks[:j + 1])
             res["success"].append([row[i][0] for i in args.tasks[:j + 1]])
             res["episodes"].append([row[i][1] for i in args.tasks[:j + 1]])
