@@ -1471,8 +1471,11 @@ def test_low_eval_noise_samples_the_drawn_mode_at_min_std_in_eval_only():
 
 
 SLOW_EVAL = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
 import numpy as np
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks if this hangs
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts it, even if pytest runs as a
+# background job of a non-interactive shell (`cmd &`), whose children inherit SIGINT ignored
 sys.path.insert(0, {repo!r})
 import evaluate
 
@@ -1547,7 +1550,13 @@ def test_workers_end_with_their_parent_and_ctrl_c_returns_quietly(tmp_path, sig)
         assert len(workers) == 2, proc.communicate(timeout=10)
         time.sleep(1.0)  # both in an episode
         os.killpg(proc.pid, getattr(signal, sig)) if sig == "SIGINT" else proc.send_signal(getattr(signal, sig))
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            raise AssertionError("no exit within 30 s of " + sig + "; its threads:\n" + proc.communicate()[1])
         deadline = time.time() + 10
         while any(_running(p) for p in workers) and time.time() < deadline:
             time.sleep(0.2)
