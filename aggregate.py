@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from evaluate import draw_matrix, write_png
+from evaluate import draw_matrix, lifelong_metrics, write_png
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
@@ -47,18 +47,44 @@ def read_results(path):
     return res
 
 
+def common_tasks(named):
+    """[(path, results)] -> the results cut to the tasks every run has finished (a run stopped after task 2 of 3
+    sits beside finished ones): success, episodes, fwt_k, nll, task_ids to the first K, and FWT/NBT/AUC recomputed
+    from them (evaluate.lifelong_metrics: what the run itself wrote when it had finished task K). Prints one line
+    when it cuts; SystemExit naming two files whose task orders differ within those K tasks."""
+    K = min(len(r["success"]) for _, r in named)
+    ids = [(p, (r.get("task_ids") or list(range(len(r["success"]))))[:K]) for p, r in named]
+    for p, i in ids:
+        if i != ids[0][1]:
+            raise SystemExit(f"--aggregate: {ids[0][0]} learnt tasks {ids[0][1]} first, {p} {i}: runs in one table "
+                             "need the same task order; give a glob of runs with the same --tasks.")
+    if all(len(r["success"]) == K for _, r in named):
+        return [r for _, r in named]
+    print(f"(compared on the first {K} task(s), {ids[0][1]}: every run has finished those; the others finished "
+          + ", ".join(f"{p} {len(r['success'])}" for p, r in named if len(r["success"]) > K) + ")")
+    out = []
+    for _, r in named:
+        cut = {k: r[k][:K] for k in ("success", "episodes", "fwt_k", "nll", "task_ids") if r.get(k) is not None}
+        if len(r["success"]) > K:
+            cut["metrics"] = lifelong_metrics(cut["success"], cut["fwt_k"]) if "fwt_k" in cut else None
+        out.append({**r, **cut})
+    return out
+
+
 def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
     Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
     groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds; the success matrix pooled over seeds
     (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting (mean over k < K of
-    nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Returns the groups, prints the markdown
+    nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Runs that finished more tasks than others
+    are compared on the tasks all finished (common_tasks). Returns the groups, prints the markdown
     table, writes `png` (plot_aggregate)."""
     paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
     runs = [read_results(p) for p in paths if os.path.exists(p)]
     if not runs:
         raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
+    runs = common_tasks([(p, r) for p, r in zip(paths, runs)])
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs}) > 1 and k != "algo"]
     groups = {}

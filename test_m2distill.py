@@ -565,6 +565,26 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     assert open(tmp_path / "agg.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, capsys):
+    def write(name, algo, success, fwt_k, task_ids):
+        res = {"run": {"algo": algo, "seed": 1, "n_eval": 10}, "success": success, "fwt_k": fwt_k,
+               "episodes": [[10] * len(row) for row in success], "task_ids": task_ids,
+               "nll": [[-5.0] * len(row) for row in success],
+               "metrics": evaluate.lifelong_metrics(success, fwt_k)}
+        json.dump(res, open(tmp_path / f"{name}.json", "w"))
+    full = [[0.8], [0.2, 0.9], [0.0, 0.1, 0.6]]
+    write("seq", "sequential", full, [0.5, 0.6, 0.4], [8, 1, 4])
+    write("er", "er", full[:2], [0.5, 0.6], [8, 1])  # stopped after its second task
+    groups = aggregate.aggregate(str(tmp_path / "*.json"))
+    seq = groups["sequential"]
+    assert seq["auc"][0] == pytest.approx(evaluate.lifelong_metrics(full[:2], [0.5, 0.6])["auc"])
+    assert seq["nbt"][0] == pytest.approx(0.8 - 0.2) and seq["episodes"].shape == (2, 2)
+    assert seq["task_ids"] == [8, 1] and "first 2 task(s), [8, 1]" in capsys.readouterr().out
+    write("er", "er", full[:2], [0.5, 0.6], [8, 4])  # another order: not comparable
+    with pytest.raises(SystemExit, match="same task order"):
+        aggregate.aggregate(str(tmp_path / "*.json"))
+
+
 class FakeEnv:
     """A stand-in simulator for the worker tests. With M2D_CRASH_MARKER set, init state 1 crashes its process
     once and 2 hangs. `fail` breaks it as a broken machine does: "init", the constructor raises; "render",
