@@ -64,11 +64,23 @@ def common_tasks(named):
           + ", ".join(f"{p} {len(r['success'])}" for p, r in named if len(r["success"]) > K) + ")")
     out = []
     for _, r in named:
-        cut = {k: r[k][:K] for k in ("success", "episodes", "fwt_k", "nll", "task_ids") if r.get(k) is not None}
+        cut = {k: r[k][:K] for k in ("success", "episodes", "fwt_k", "nll", "nll_demos", "task_ids")
+               if r.get(k) is not None}
         if len(r["success"]) > K:
             cut["metrics"] = lifelong_metrics(cut["success"], cut["fwt_k"]) if "fwt_k" in cut else None
         out.append({**r, **cut})
     return out
+
+
+def nll_intervals(rs):
+    """A group's held-out NLL matrix, cell (k, t) = (mean, lo, hi), and what its 95% t-intervals are over: seeds
+    (mean of the runs' nll), or, for one run with nll_demos, its held-out demos. ([], None) without NLL."""
+    if not all(r.get("nll") and None not in r["nll"] for r in rs):
+        return [], None
+    if len(rs) == 1 and rs[0].get("nll_demos") and None not in rs[0]["nll_demos"]:
+        return [[mean_ci(d) for d in row] for row in rs[0]["nll_demos"]], "held-out demos"
+    return ([[mean_ci([r["nll"][k][t] for r in rs]) for t in range(k + 1)] for k in range(len(rs[0]["nll"]))],
+            "seeds" if len(rs) > 1 else "nothing (one run without nll_demos)")
 
 
 def aggregate(pattern, png=None):
@@ -104,12 +116,25 @@ def aggregate(pattern, png=None):
         forget = [np.mean([r["nll"][-1][k] - r["nll"][k][k] for k in range(len(r["nll"]) - 1)])
                   if r.get("nll") and None not in r["nll"] and len(r["nll"]) > 1 else None for r in rs]
         g = {m: mean_ci([(r.get("metrics") or {}).get(m) for r in rs]) for m in ("fwt", "nbt", "auc")}
-        g.update(nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs], successes=succ, episodes=n,
+        nll_ci, over = nll_intervals(rs)
+        if over == "held-out demos" and len(rs[0]["nll"]) > 1:  # one seed: forgetting over (task, demo) pairs
+            D, K1 = rs[0]["nll_demos"], len(rs[0]["nll"]) - 1
+            forget = [D[K1][k][d] - D[k][k][d] for k in range(K1) for d in range(len(D[k][k]))]
+        g.update(nll=nll_ci, nll_over=over, nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs], successes=succ, episodes=n,
                  task_ids=max((r.get("task_ids") or list(range(len(r["success"]))) for r in rs), key=len))
         out[label] = g
         rows.append(f"| {label} | {len(rs)} | " + " | ".join(fmt(*g[m]) for m in ("fwt", "nbt", "auc", "nll_forgetting"))
                     + " |")
     print("\n".join(rows))
+    for label, g in out.items():  # the NLL matrices, with the interval each is over
+        if g["nll"]:
+            print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task; 95% t-interval "
+                  f"over {g['nll_over']}):")
+            for k, row in enumerate(g["nll"]):
+                print(f"  after {g['task_ids'][k]}: " + "  ".join(fmt(*c) for c in row))
+    if any(g["nll_over"] == "held-out demos" for g in out.values()):
+        print("(NLL forgetting of a one-seed group: mean over held-out demos of nll[K-1][k] - nll[k][k], paired by "
+              "demo, with its t-interval over those pairs: the spread of one run, not over seeds)")
     if png:
         plot_aggregate(out, png)
     return out

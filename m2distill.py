@@ -176,13 +176,24 @@ def train_step(policy, old, batch, opt, args, fit=None):
 
 @torch.no_grad()
 def held_out_nll(policy, dataset, task_embs, device, batch_size=64):
-    """Mean L_BC of the policy (eval mode) over every sequence of a held-out dataset."""
+    """L_BC of the policy (eval mode) on a held-out dataset, nats per action step -> (mean over its sequences,
+    [mean over each held-out demo's sequences, in the demos' order]): the second gives intervals over demos."""
     policy.eval()
-    total = 0.0
+    nll = []  # (N,) one value per sequence
     for idx in torch.arange(len(dataset)).split(batch_size):
         b = to_device(dataset.batch(idx), task_embs, device)
-        total += loss_bc(policy(b["obs"], b["task_emb"]), b["actions"]).item() * len(idx)
-    return total / len(dataset)
+        out = policy(b["obs"], b["task_emb"])
+        nll.append(-gmm_log_prob(out["means"], out["stds"], out["logits"], b["actions"]).mean(1).cpu())  # (B, T) -> (B,)
+    nll = torch.cat(nll)
+    demo = torch.unique(dataset.demo_end, return_inverse=True)[1]  # (N,) 0..n_demos-1
+    per_demo = torch.zeros(int(demo.max()) + 1, dtype=nll.dtype).index_add_(0, demo, nll) / torch.bincount(demo)
+    return nll.mean().item(), per_demo.tolist()
+
+
+def nll_row(policy, vals, task_embs, device):
+    """Row j of the held-out NLL matrices after a task: (mean per task, per-demo means per task) over `vals`."""
+    pairs = [held_out_nll(policy, v, task_embs, device) for v in vals]
+    return [m for m, _ in pairs], [d for _, d in pairs]
 
 
 # ----------------------------------------------------------------------------- files
@@ -249,8 +260,8 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
 
 
 # results.json lists, one entry per task
-PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "demos",
-            "gripper_fit")
+PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "nll_demos",
+            "demos", "gripper_fit")
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
@@ -445,9 +456,9 @@ def run(args, evaluate=None):
         print(f"--out {args.out} holds {len(res['tasks'])} finished task(s) of {args.n_tasks}: "
               + ", ".join(res["tasks"]) + ("; nothing left to do." if finished else "; resuming with the next one."),
               flush=True)
-        if finished:
-            return res
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
+    if len(res["tasks"]) >= args.n_tasks:  # finished; a record from before nll_demos gets it from the checkpoints
+        return lifelong(args, bench, policy, task_embs, None, res) if args.val_demos and None in res["nll_demos"] else res
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
         with rollouts.exits("--init-from "):
             init_from(policy, args.init_from)
@@ -481,6 +492,10 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
         train, val = load_task_data(args, bench, k)
         vals.append(val)
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
+        if j < done and val and res["nll_demos"][j] is None:  # a record from before nll_demos: from task<j>.pt
+            policy.load_state_dict(resume_state(args, j))
+            res["nll_demos"][j] = nll_row(policy, vals, task_embs, args.device)[1]
+            save_json(res, os.path.join(args.out, "results.json"))
         if j == done - 1:  # tasks finished before the run was stopped: restore the last, redo none
             policy.load_state_dict(resume_state(args, j))
         elif j >= done:
@@ -495,7 +510,9 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             res["curve_episodes"].append(curve_episodes)
             res["fwt_k"].append(fwt_k)
             res["gripper_fit"].append(gripper_fit)
-            res["nll"].append([held_out_nll(policy, v, task_embs, args.device) for v in vals] if val else None)
+            nll, nll_demos = nll_row(policy, vals, task_embs, args.device) if val else (None, None)
+            res["nll"].append(nll)
+            res["nll_demos"].append(nll_demos)
             res["tasks"].append(bench.get_task(k).name)
             res["task_ids"].append(k)
             res["demos"].append({"n_train": train.n_demos, "n_val": val.n_demos if val else 0,

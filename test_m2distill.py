@@ -381,6 +381,28 @@ def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_di
     assert not os.path.exists(tmp_path / "cut" / "progress.pt")
 
 
+def test_held_out_nll_is_kept_per_demo_and_a_record_from_before_gets_it_from_the_checkpoints(suite_dir, tmp_path):
+    """nll_demos[j][t][d]: the held-out NLL of held-out demo d of task t after the run's j-th task (what intervals
+    over demos are made from); each equals held_out_nll on that demo alone. A results.json written before the
+    field (it is missing) gets it from task<j>.pt when the run is resumed, finished or not."""
+    res = m2distill.run(tiny_args(suite_dir, tmp_path / "a", val_demos=2))
+    assert [[len(d) for d in row] for row in res["nll_demos"]] == [[2], [2, 2]]
+    policy, embs, _, _ = evaluate.load_policy(str(tmp_path / "a" / "task1.pt"))
+    path = data.task_file(suite_dir, SUITE, data.suite_benchmark(SUITE).get_task(0).name)
+    for d, name in enumerate(res["demos"][0]["val"]):
+        one = data.SequenceDataset.from_hdf5(path, 0, 10, [name], 32)
+        assert res["nll_demos"][1][0][d] == pytest.approx(m2distill.held_out_nll(policy, one, embs, "cpu")[0], rel=1e-5)
+    assert min(res["nll_demos"][1][0]) <= res["nll"][1][0] <= max(res["nll_demos"][1][0])
+    old = json.load(open(tmp_path / "a" / "results.json"))
+    del old["nll_demos"]
+    json.dump(old, open(tmp_path / "a" / "results.json", "w"))
+    again = m2distill.run(tiny_args(suite_dir, tmp_path / "a", val_demos=2))
+    flat = lambda rows: [v for row in rows for d in row for v in d]
+    assert [[len(d) for d in row] for row in again["nll_demos"]] == [[2], [2, 2]]
+    assert flat(again["nll_demos"]) == pytest.approx(flat(res["nll_demos"]), rel=1e-5)
+    assert json.load(open(tmp_path / "a" / "results.json"))["nll_demos"] == again["nll_demos"]
+
+
 def test_gripper_wrong_weight_counts_the_weight_on_modes_of_the_wrong_sign():
     """Two modes, open (mean -1) and closed (+1), weighted 1/4 and 3/4 at every step: where the demo is open the
     wrong-sign weight is 3/4, where it is closed 1/4; a mean of exactly 0 is wrong for both, a command of 0 counts
@@ -550,6 +572,9 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
         write(f"er_s{seed}", "er", seed, auc, [0.7, 0.4])
         write(f"m2d_s{seed}", "m2distill", seed, auc + 0.1, [0.3, 0.5])
     write("m2d_lp01_s1", "m2distill", 1, 0.9, [0.3, 0.5], lam=0.1)
+    one = json.load(open(tmp_path / "m2d_lp01_s1" / "results.json"))  # one seed: intervals over held-out demos
+    one["nll_demos"] = [[[-5.0, -4.0, -6.0]], [[-3.0, -4.0, -2.0], [-6.0, -6.0, -6.0]]]
+    json.dump(one, open(tmp_path / "m2d_lp01_s1" / "results.json", "w"))
     groups = aggregate.aggregate(str(tmp_path / "*"), str(tmp_path / "agg.png"))
     assert set(groups) == {"er lambda_policy=1.0", "m2distill lambda_policy=1.0", "m2distill lambda_policy=0.1"}
     m, lo, hi = groups["er lambda_policy=1.0"]["auc"]  # 0.2, 0.4, 0.6: s = 0.2, t(0.975, 2) = 4.303
@@ -558,6 +583,11 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     g = groups["er lambda_policy=1.0"]
     assert g["successes"][1, 0] == 21 and g["episodes"][1, 0] == 30  # pooled over 3 seeds: 7 of 10 each
     assert g["nll_forgetting"][0] == pytest.approx(1.0)  # nll[1][0] - nll[0][0] = -4 - -5
+    assert g["nll_over"] == "seeds" and g["nll"][1][0] == pytest.approx((-4.0, -4.0, -4.0))  # equal seeds
+    g1 = groups["m2distill lambda_policy=0.1"]  # pairs (-3 - -5, -4 - -4, -2 - -6) = (2, 0, 4): s = 2
+    assert g1["nll_over"] == "held-out demos" and g1["nll_forgetting"][0] == pytest.approx(2.0)
+    assert g1["nll_forgetting"][2] - 2.0 == pytest.approx(4.303 * 2 / 3 ** 0.5)
+    assert g1["nll"][1][0][0] == pytest.approx(-3.0) and g1["nll"][1][1] == pytest.approx((-6.0, -6.0, -6.0))
     lo, hi = aggregate.wilson(7, 10)
     assert (lo, hi) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
     assert aggregate.wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and aggregate.wilson(0, 10)[1] > 0.2
