@@ -47,6 +47,15 @@ def read_results(path):
     return res
 
 
+def acts(run, k):
+    """Whether flag k acts in a run of run["algo"]: the distillation flags (lambda_*, kl_*) in M2Distill only, the
+    replay memory's in ER and M2Distill: a label names only the flags that act (a Sequential run's lambda_policy
+    of 1 does not set it apart from one of 0.1)."""
+    if k.startswith(("lambda_", "kl_")):
+        return run["algo"] == "m2distill"
+    return not (k in ("n_memories", "replay") and run["algo"] == "sequential")
+
+
 def common_tasks(named):
     """[(path, results)] -> the results cut to the tasks every run has finished (a run stopped after task 2 of 3
     sits beside finished ones): success, episodes, fwt_k, nll, task_ids to the first K, and FWT/NBT/AUC recomputed
@@ -98,10 +107,12 @@ def aggregate(pattern, png=None):
         raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
     runs = common_tasks([(p, r) for p, r in zip(paths, runs)])
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
-    varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs}) > 1 and k != "algo"]
+    varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs if acts(r["run"], k)}) > 1
+               and k != "algo"]
     groups = {}
     for r in runs:
-        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying]), []).append(r)
+        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying
+                                                          if acts(r["run"], k)]), []).append(r)
     rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
     fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
     for label, rs in groups.items():

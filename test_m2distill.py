@@ -576,11 +576,11 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     one["nll_demos"] = [[[-5.0, -4.0, -6.0]], [[-3.0, -4.0, -2.0], [-6.0, -6.0, -6.0]]]
     json.dump(one, open(tmp_path / "m2d_lp01_s1" / "results.json", "w"))
     groups = aggregate.aggregate(str(tmp_path / "*"), str(tmp_path / "agg.png"))
-    assert set(groups) == {"er lambda_policy=1.0", "m2distill lambda_policy=1.0", "m2distill lambda_policy=0.1"}
-    m, lo, hi = groups["er lambda_policy=1.0"]["auc"]  # 0.2, 0.4, 0.6: s = 0.2, t(0.975, 2) = 4.303
+    assert set(groups) == {"er", "m2distill lambda_policy=1.0", "m2distill lambda_policy=0.1"}  # ER has no lambdas
+    m, lo, hi = groups["er"]["auc"]  # 0.2, 0.4, 0.6: s = 0.2, t(0.975, 2) = 4.303
     assert (m, hi - m) == (pytest.approx(0.4), pytest.approx(4.303 * 0.2 / 3 ** 0.5))
     assert groups["m2distill lambda_policy=0.1"]["auc"] == (pytest.approx(0.9), None, None)  # one seed: no interval
-    g = groups["er lambda_policy=1.0"]
+    g = groups["er"]
     assert g["successes"][1, 0] == 21 and g["episodes"][1, 0] == 30  # pooled over 3 seeds: 7 of 10 each
     assert g["nll_forgetting"][0] == pytest.approx(1.0)  # nll[1][0] - nll[0][0] = -4 - -5
     assert g["nll_over"] == "seeds" and g["nll"][1][0] == pytest.approx((-4.0, -4.0, -4.0))  # equal seeds
@@ -591,7 +591,7 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     lo, hi = aggregate.wilson(7, 10)
     assert (lo, hi) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
     assert aggregate.wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and aggregate.wilson(0, 10)[1] > 0.2
-    assert "| er lambda_policy=1.0 | 3 |" in capsys.readouterr().out
+    assert "| er | 3 |" in capsys.readouterr().out
     assert open(tmp_path / "agg.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
