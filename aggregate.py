@@ -83,13 +83,14 @@ def common_tasks(named):
 
 def nll_intervals(rs):
     """A group's held-out NLL matrix, cell (k, t) = (mean, lo, hi), and what its 95% t-intervals are over: seeds
-    (mean of the runs' nll), or, for one run with nll_demos, its held-out demos. ([], None) without NLL."""
+    (mean of the runs' nll), or, for one run with nll_demos, its held-out demos; None: one run without them.
+    ([], None) without NLL."""
     if not all(r.get("nll") and None not in r["nll"] for r in rs):
         return [], None
     if len(rs) == 1 and rs[0].get("nll_demos") and None not in rs[0]["nll_demos"]:
         return [[mean_ci(d) for d in row] for row in rs[0]["nll_demos"]], "held-out demos"
     return ([[mean_ci([r["nll"][k][t] for r in rs]) for t in range(k + 1)] for k in range(len(rs[0]["nll"]))],
-            "seeds" if len(rs) > 1 else "nothing (one run without nll_demos)")
+            "seeds" if len(rs) > 1 else None)
 
 
 def aggregate(pattern, png=None):
@@ -139,8 +140,9 @@ def aggregate(pattern, png=None):
     print("\n".join(rows))
     for label, g in out.items():  # the NLL matrices, with the interval each is over
         if g["nll"]:
-            print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task; 95% t-interval "
-                  f"over {g['nll_over']}):")
+            print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task; "
+                  + (f"95% t-interval over {g['nll_over']}):" if g["nll_over"] else "no interval: one run "
+                     "recorded without nll_demos; rerun its command to add them):"))
             for k, row in enumerate(g["nll"]):
                 print(f"  after {g['task_ids'][k]}: " + "  ".join(fmt(*c) for c in row))
     if any(g["nll_over"] == "held-out demos" for g in out.values()):
