@@ -146,8 +146,9 @@ def aggregate(pattern, png=None):
             for k, row in enumerate(g["nll"]):
                 print(f"  after {g['task_ids'][k]}: " + "  ".join(fmt(*c) for c in row))
     if any(g["nll_over"] == "held-out demos" for g in out.values()):
-        print("(NLL forgetting of a one-seed group: mean over held-out demos of nll[K-1][k] - nll[k][k], paired by "
-              "demo, with its t-interval over those pairs: the spread of one run, not over seeds)")
+        print("(one-seed groups: each NLL cell is the mean over held-out demos, the run's own nll the mean over "
+              "sequences; NLL forgetting is the mean of nll[K-1][k] - nll[k][k] paired by demo, with its t-interval "
+              "over those pairs: the spread within one run, not over seeds)")
     if png:
         plot_aggregate(out, png)
     return out
