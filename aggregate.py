@@ -33,7 +33,7 @@ def wilson(successes, n, z=1.96):
         return None, None
     p = successes / n
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))  # rounding: -3e-17 at 0 of n
 
 
 def read_results(path):
