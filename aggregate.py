@@ -132,8 +132,8 @@ def aggregate(pattern, png=None):
         if over == "held-out demos" and len(rs[0]["nll"]) > 1:  # one seed: forgetting over (task, demo) pairs
             D, K1 = rs[0]["nll_demos"], len(rs[0]["nll"]) - 1
             forget = [D[K1][k][d] - D[k][k][d] for k in range(K1) for d in range(len(D[k][k]))]
-        g.update(nll=nll_ci, nll_over=over, nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs], successes=succ, episodes=n,
-                 task_ids=max((r.get("task_ids") or list(range(len(r["success"]))) for r in rs), key=len))
+        g.update(nll=nll_ci, nll_over=over, nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs],
+                 successes=succ, episodes=n, task_ids=max((r.get("task_ids") or list(range(len(r["success"]))) for r in rs), key=len))
         out[label] = g
         rows.append(f"| {label} | {len(rs)} | " + " | ".join(fmt(*g[m]) for m in ("fwt", "nbt", "auc", "nll_forgetting"))
                     + " |")
