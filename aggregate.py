@@ -73,11 +73,46 @@ def common_tasks(named):
           + ", ".join(f"{p} {len(r['success'])}" for p, r in named if len(r["success"]) > K) + ")")
     out = []
     for _, r in named:
-        cut = {k: r[k][:K] for k in ("success", "episodes", "fwt_k", "nll", "nll_demos", "task_ids")
+        cut = {k: r[k][:K] for k in ("success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "nll_demos",
+                                     "task_ids")
                if r.get(k) is not None}
         if len(r["success"]) > K:
             cut["metrics"] = lifelong_metrics(cut["success"], cut["fwt_k"]) if "fwt_k" in cut else None
         out.append({**r, **cut})
+    return out
+
+
+def episode_intervals(r, draws=4000, seed=0):
+    """One run's FWT, NBT, AUC with 95% intervals from the episodes behind them, for a group of one seed:
+    {"fwt"|"nbt"|"auc": (the run's value, lo, hi)}, or None for a run without curves or with a cell unmeasured.
+
+    Each measured success rate (every point of a task's curve, every cell of the matrix), s of n episodes, is drawn
+    from its Jeffreys posterior Beta(s + 1/2, n - s + 1/2); in each draw FWT_k holds the drawn curve at the run's
+    best checkpoint (the last maximum of the curve, as learn_task chose it) and c_{k,k} is that checkpoint's drawn
+    rate (its matrix cell reran the same episodes); evaluate.lifelong_metrics turns each of `draws` draws into FWT,
+    NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles, widened to hold the run's value (the posterior of 0 of n
+    sits above 0: Jeffreys' interval then starts at 0, Brown, Cai & DasGupta 2001). The spread of one run's
+    episodes, not over seeds."""
+    curves, ce, succ, eps = (r.get(k) for k in ("curves", "curve_episodes", "success", "episodes"))
+    if not (curves and ce and eps and r.get("metrics")) or None in sum(curves + succ, []) or len(curves) != len(succ):
+        return None
+    rng = np.random.default_rng(seed)
+    beta = lambda p, n: rng.beta(round(p * n) + 0.5, n - round(p * n) + 0.5, draws)  # (draws,)
+    fwt, c = [], [[None] * len(row) for row in succ]  # fwt[k]: (draws,), c[k][t]: (draws,)
+    for k, (curve, ns) in enumerate(zip(curves, ce)):
+        b = len(curve) - 1 - int(np.argmax(curve[::-1]))  # the last best point
+        x = np.stack([beta(p, n) for p, n in zip(curve, ns)], 1)  # (draws, points)
+        fwt.append(np.concatenate([x[:, :b], np.repeat(x[:, b:b + 1], len(curve) - b, 1)], 1).mean(1))
+        c[k][k] = x[:, b]
+        for t in range(k):
+            c[k][t] = beta(succ[k][t], eps[k][t])
+    m = [lifelong_metrics([[c[k][t][d] for t in range(k + 1)] for k in range(len(c))], [f[d] for f in fwt])
+         for d in range(draws)]
+    out = {}
+    for key in ("fwt", "nbt", "auc"):
+        v = r["metrics"][key]
+        lo, hi = np.quantile([x[key] for x in m], [0.025, 0.975]) if v is not None else (None, None)
+        out[key] = (v, None, None) if v is None else (v, min(float(lo), v), max(float(hi), v))
     return out
 
 
@@ -97,7 +132,8 @@ def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
     Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
-    groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds; the success matrix pooled over seeds
+    groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its
+    episodes, episode_intervals; g["metrics_over"] says which); the success matrix pooled over seeds
     (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting (mean over k < K of
     nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Runs that finished more tasks than others
     are compared on the tasks all finished (common_tasks). Returns the groups, prints the markdown
@@ -128,6 +164,10 @@ def aggregate(pattern, png=None):
         forget = [np.mean([r["nll"][-1][k] - r["nll"][k][k] for k in range(len(r["nll"]) - 1)])
                   if r.get("nll") and None not in r["nll"] and len(r["nll"]) > 1 else None for r in rs]
         g = {m: mean_ci([(r.get("metrics") or {}).get(m) for r in rs]) for m in ("fwt", "nbt", "auc")}
+        g["metrics_over"] = "seeds" if len(rs) > 1 else None
+        one = episode_intervals(rs[0]) if len(rs) == 1 else None
+        if one:  # one seed: the spread of its episodes
+            g.update(one, metrics_over="episodes")
         nll_ci, over = nll_intervals(rs)
         if over == "held-out demos" and len(rs[0]["nll"]) > 1:  # one seed: forgetting over (task, demo) pairs
             D, K1 = rs[0]["nll_demos"], len(rs[0]["nll"]) - 1
@@ -138,6 +178,9 @@ def aggregate(pattern, png=None):
         rows.append(f"| {label} | {len(rs)} | " + " | ".join(fmt(*g[m]) for m in ("fwt", "nbt", "auc", "nll_forgetting"))
                     + " |")
     print("\n".join(rows))
+    if any(g["metrics_over"] == "episodes" for g in out.values()):
+        print("(FWT, NBT, AUC: 95% t-interval over seeds; for one seed, the 95% interval of its episodes: every "
+              "measured success rate drawn from its Jeffreys posterior Beta(s+1/2, n-s+1/2), through the metrics)")
     for label, g in out.items():  # the NLL matrices, with the interval each is over
         if g["nll"]:
             print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task; "
@@ -170,7 +213,7 @@ def plot_aggregate(groups, path):
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
         if ax.get_legend_handles_labels()[0]:  # runs without rollouts draw no bars
             ax.legend(fontsize=7, loc="upper left")
-        ax.set_title("mean, 95% t-interval over seeds", fontsize=8)
+        ax.set_title("mean, 95% t-interval over seeds\n(one seed: over its episodes, Jeffreys)", fontsize=8)
         for a, (label, g) in zip(axes[0, 1:], groups.items()):
             rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
             ci = {kt: wilson(g["successes"][kt], g["episodes"][kt]) for kt in zip(*np.tril_indices_from(rate))}

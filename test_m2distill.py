@@ -615,6 +615,28 @@ def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, cap
         aggregate.aggregate(str(tmp_path / "*.json"))
 
 
+def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
+    def run(curves, success, n):
+        fwt_k = [float(np.mean(c[:int(np.argmax(c))] + [max(c)] * (len(c) - int(np.argmax(c))))) for c in curves]
+        return {"run": {"algo": "er", "seed": 1, "n_eval": n}, "curves": curves, "success": success,
+                "curve_episodes": [[n] * len(c) for c in curves], "episodes": [[n] * len(r) for r in success],
+                "fwt_k": fwt_k, "metrics": evaluate.lifelong_metrics(success, fwt_k)}
+    one = aggregate.episode_intervals(run([[0.5]], [[0.5]], 10))  # FWT = AUC = c_00: 5 of 10
+    assert one["fwt"][1:] == (pytest.approx(0.2235, abs=0.02), pytest.approx(0.7765, abs=0.02))  # Jeffreys
+    assert one["nbt"] == (None, None, None) and one["auc"] == one["fwt"]
+    wide, narrow = (aggregate.episode_intervals(run([[0.5]], [[0.5]], n))["fwt"] for n in (10, 100))
+    assert narrow[2] - narrow[1] < 0.5 * (wide[2] - wide[1])  # more episodes, a narrower interval
+    forgot = aggregate.episode_intervals(run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10))
+    assert forgot["nbt"][0] == 1.0 and 0.6 < forgot["nbt"][1] < 1.0  # 10 of 10, then 0 of 10: NBT clear of 0
+    assert forgot["fwt"][0] == pytest.approx((0.5 + 0.45) / 2)
+    zero = aggregate.episode_intervals(run([[0.0, 0.0]], [[0.0]], 10))
+    assert zero["fwt"][:2] == (0.0, 0.0) and 0.05 < zero["fwt"][2] < 0.25  # 0 of 10: from 0, as Jeffreys'
+    json.dump(run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), open(tmp_path / "er.json", "w"))
+    g = aggregate.aggregate(str(tmp_path / "*.json"))["er"]
+    assert g["metrics_over"] == "episodes" and g["nbt"] == forgot["nbt"]
+    assert "for one seed, the 95% interval of its episodes" in capsys.readouterr().out
+
+
 class FakeEnv:
     """A stand-in simulator for the worker tests. With M2D_CRASH_MARKER set, init state 1 crashes its process
     once and 2 hangs. `fail` breaks it as a broken machine does: "init", the constructor raises; "render",
