@@ -88,8 +88,8 @@ def episode_intervals(r, draws=4000, seed=0):
 
     Each measured success rate (every point of a task's curve, every cell of the matrix), s of n episodes, is drawn
     from its Jeffreys posterior Beta(s + 1/2, n - s + 1/2); in each draw FWT_k holds the drawn curve at the run's
-    best checkpoint (the last maximum of the curve, as learn_task chose it) and c_{k,k} is that checkpoint's drawn
-    rate (its matrix cell reran the same episodes); evaluate.lifelong_metrics turns each of `draws` draws into FWT,
+    best checkpoint (the last maximum of the curve, as learn_task chose it), and c_{k,k} is drawn from its own cell
+    (diagonal_fresh: other episodes) or, in a record from before, is that curve point; evaluate.lifelong_metrics turns each of `draws` draws into FWT,
     NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles, widened to hold the run's value (the posterior of 0 of n
     sits above 0: Jeffreys' interval then starts at 0, Brown, Cai & DasGupta 2001). The spread of one run's
     episodes, not over seeds."""
@@ -103,7 +103,7 @@ def episode_intervals(r, draws=4000, seed=0):
         b = len(curve) - 1 - int(np.argmax(curve[::-1]))  # the last best point
         x = np.stack([beta(p, n) for p, n in zip(curve, ns)], 1)  # (draws, points)
         fwt.append(np.concatenate([x[:, :b], np.repeat(x[:, b:b + 1], len(curve) - b, 1)], 1).mean(1))
-        c[k][k] = x[:, b]
+        c[k][k] = beta(succ[k][k], eps[k][k]) if (r.get("diagonal_fresh") or [None] * len(succ))[k] else x[:, b]
         for t in range(k):
             c[k][t] = beta(succ[k][t], eps[k][t])
     m = [lifelong_metrics([[c[k][t][d] for t in range(k + 1)] for k in range(len(c))], [f[d] for f in fwt])

@@ -88,9 +88,10 @@ class EnvError(RuntimeError):
 STOP_AFTER = 3  # tries in a row that could not run, with no episode finished between them: the machine is broken
 
 
-def episode_seed(seed, task, ep):
-    """The seed of episode `ep` of LIBERO task `task`, from (seed, task, ep) alone: the same in any worker."""
-    return int(np.random.SeedSequence([seed, task, ep]).generate_state(1)[0])
+def episode_seed(seed, task, ep, stream=0):
+    """The seed of episode `ep` of LIBERO task `task`, from (seed, task, ep, stream) alone: the same in any worker.
+    Stream 1 draws other episodes from the same init states (m2distill.py scores a chosen checkpoint on them)."""
+    return int(np.random.SeedSequence([seed, task, ep] + ([stream] if stream else [])).generate_state(1)[0])
 
 
 def renderer_problem(error):
@@ -119,9 +120,9 @@ def _end_with_parent(parent_pid):
 
 
 def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eval_noise):
-    """Serve ("policy", config, state_dict, task_embs), which replaces the policy, and (kind, task, ep, call):
+    """Serve ("policy", config, state_dict, task_embs), which replaces the policy, and (kind, task, ep, call, stream):
     kind "check" creates the task's env, resets it, sets init state 0 and steps once; "episode" runs one
-    rollout seeded by episode_seed. Replies (task, ep, success, steps, seconds, traceback or None)."""
+    rollout seeded by episode_seed(seed, task, ep, stream). Replies (task, ep, success, steps, seconds, traceback or None)."""
     _end_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it ends the workers
     sys.unraisablehook = lambda *_: None  # a half-made renderer's destructors; the error itself is sent back
@@ -138,7 +139,7 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
             policy.load_state_dict(msg[2])
             fold_batchnorm(policy).head.low_eval_noise = low_eval_noise  # folded: the same outputs, ~10% less time
             continue
-        kind, task, ep, call = msg
+        kind, task, ep, call, stream = msg
         try:
             if task != env_task:
                 if env is not None:
@@ -151,8 +152,8 @@ def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eva
                 env.step(np.zeros(7))
                 result = (task, ep, False, 0, 0.0, None)
             else:
-                torch.manual_seed(episode_seed(seed, task, ep))  # the GMM sampling in get_action
-                np.random.seed(episode_seed(seed, task, ep))
+                torch.manual_seed(episode_seed(seed, task, ep, stream))  # the GMM sampling in get_action
+                np.random.seed(episode_seed(seed, task, ep, stream))
                 frames = [] if video_dir else None
                 t0 = time.time()
                 success, steps = run_episode(env, policy, task_embs[task], init_states[ep % len(init_states)],
@@ -177,12 +178,12 @@ class Evaluator:
     """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes (alive until
     close() or the end of a `with` block).
 
-    evaluator(policy, task_ids, task_embs) -> {task_id: (success rate, episodes)}: successes / episodes over the
+    evaluator(policy, task_ids, task_embs, stream=0) -> {task_id: (success rate, episodes)}: successes / episodes over the
     1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could not run
     (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried once in
     a fresh env, then left out, never counted as a failure. EnvError, no result, when the simulator cannot start or
     render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task ran. Episode
-    ep of task t is seeded by episode_seed(seed, t, ep), starts from init state ep mod 50; `low_eval_noise`: GMMHead."""
+    ep of task t is seeded by episode_seed(seed, t, ep, stream), starts from init state ep mod 50; `low_eval_noise`: GMMHead."""
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
                  env_fn=None, seed=10000, low_eval_noise=False):
@@ -228,7 +229,7 @@ class Evaluator:
             self._start(0)
         problem = "interrupted"
         try:
-            self.conns[0].send(("check", task, 0, None))
+            self.conns[0].send(("check", task, 0, None, 0))
             problem = (self.conns[0].recv()[5] if self.conns[0].poll(self.timeout)
                        else f"no answer within {self.timeout:.0f} s")
         except (EOFError, OSError):
@@ -240,7 +241,7 @@ class Evaluator:
             raise EnvError(renderer_problem(problem.strip().splitlines()[-1]))
         self.checked = True
 
-    def __call__(self, policy, task_ids, task_embs):
+    def __call__(self, policy, task_ids, task_embs, stream=0):
         self.check(task_ids[0])
         cfg, state = policy.config, {k: v.detach().cpu() for k, v in policy.state_dict().items()}
         self.policy_msg = ("policy", cfg, state, task_embs.detach().cpu())
@@ -256,7 +257,7 @@ class Evaluator:
                 for i in [i for i in range(self.n_workers) if i not in busy][:len(todo)]:
                     busy[i] = (todo.pop(0), time.time())
                     with contextlib.suppress(OSError):  # a dead worker: found below
-                        self.conns[i].send(("episode", *busy[i][0][:2], self.calls))
+                        self.conns[i].send(("episode", *busy[i][0][:2], self.calls, stream))
                 ready = wait([self.conns[i] for i in busy], timeout=1.0)
                 for i in list(busy):
                     (task, ep, tries), t0 = busy[i]

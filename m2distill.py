@@ -261,7 +261,7 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
 
 # results.json lists, one entry per task
 PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "nll_demos",
-            "demos", "gripper_fit")
+            "demos", "gripper_fit", "diagonal_fresh")
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
                "kl_samples", "kl_direction", "kl_timesteps")
@@ -457,8 +457,9 @@ def run(args, evaluate=None):
               + ", ".join(res["tasks"]) + ("; nothing left to do." if finished else "; resuming with the next one."),
               flush=True)
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
-    if len(res["tasks"]) >= args.n_tasks:  # finished; a record from before nll_demos gets it from the checkpoints
-        return lifelong(args, bench, policy, task_embs, None, res) if args.val_demos and None in res["nll_demos"] else res
+    stale = [j for j, row in enumerate(res["success"]) if row[j] is not None and res["diagonal_fresh"][j] is None]
+    if len(res["tasks"]) >= args.n_tasks and not (stale or args.val_demos and None in res["nll_demos"]):
+        return res  # finished; a record from before nll_demos or diagonal_fresh gets them from the checkpoints
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
         with rollouts.exits("--init-from "):
             init_from(policy, args.init_from)
@@ -466,24 +467,37 @@ def run(args, evaluate=None):
         with rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, os.path.join(
                 args.out, "videos") if args.videos else None, seed=args.seed, low_eval_noise=args.low_eval_noise) as ev:
             ev.check(args.tasks[0])  # the simulator renders: checked before any training
-            return lifelong(args, bench, policy, task_embs, timed(lambda p, ids: ev(p, ids, task_embs), res), res)
-    evaluate = evaluate or (lambda policy, ids: {i: (None, 0) for i in ids})  # --n-eval 0: success is not measured
+            return lifelong(args, bench, policy, task_embs, timed(lambda p, ids, stream=0: ev(p, ids, task_embs, stream),
+                                                                  res), res)
+    evaluate = evaluate or (lambda policy, ids, stream=0: {i: (None, 0) for i in ids})  # --n-eval 0: not measured
     return lifelong(args, bench, policy, task_embs, timed(evaluate, res), res)
 
 
 def timed(evaluate, res):
-    """The evaluation hook, its seconds added to res["seconds"]["eval"]. evaluate(policy, task_ids) ->
-    {task_id: (success rate or None if not measured, episodes it is made of)} (evaluate.Evaluator)."""
-    def hook(policy, ids):
+    """The evaluation hook, its seconds added to res["seconds"]["eval"]. evaluate(policy, task_ids, stream=0) ->
+    {task_id: (success rate or None if not measured, episodes it is made of)} (evaluate.Evaluator; stream 1: other
+    episodes from the same init states)."""
+    def hook(policy, ids, stream=0):
         t0 = time.time()
-        out = evaluate(policy, ids)
+        out = evaluate(policy, ids, stream)
         res["seconds"]["eval"] = res["seconds"].get("eval", 0) + time.time() - t0
         return out
     return hook
 
 
+def score(args, res):
+    """FWT, NBT, AUC and the heatmap once rollouts were measured, then results.json (atomically)."""
+    if None not in res["fwt_k"]:
+        res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
+        rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
+                                     f"{args.suite} {args.algo} seed {args.seed}", res["task_ids"],
+                                     episodes=res["episodes"])
+    save_json(res, os.path.join(args.out, "results.json"))
+
+
 def lifelong(args, bench, policy, task_embs, evaluate, res):
-    """Tasks 0..K-1 in order: learn, evaluate tasks 0..k into row k, checkpoint, then replay and pi_old."""
+    """Tasks 0..K-1 in order: learn, evaluate tasks 0..k into row k (task k on fresh episodes), checkpoint, then
+    replay and pi_old."""
     use_replay = args.algo in ("er", "m2distill") and args.replay == "on"  # ER: the diff on Sequential
     memory = data.ReplayMemory(args.n_memories) if use_replay else None
     old, vals, done = None, [], len(res["tasks"])
@@ -496,6 +510,10 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             policy.load_state_dict(resume_state(args, j))
             res["nll_demos"][j] = nll_row(policy, vals, task_embs, args.device)[1]
             save_json(res, os.path.join(args.out, "results.json"))
+        if j < done and res["success"][j][j] is not None and res["diagonal_fresh"][j] is None:  # the curve's best
+            policy.load_state_dict(resume_state(args, j))
+            (res["success"][j][j], res["episodes"][j][j]), res["diagonal_fresh"][j] = evaluate(policy, [k], 1)[k], True
+            score(args, res)
         if j == done - 1:  # tasks finished before the run was stopped: restore the last, redo none
             policy.load_state_dict(resume_state(args, j))
         elif j >= done:
@@ -503,13 +521,16 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
                        f"({len(train)} sequences)")
             curve, fwt_k, curve_episodes, gripper_fit = learn_task(policy, old, train, memory, task_embs, args, j,
                                                                    evaluate, res)
-            row = evaluate(policy, args.tasks[:j + 1])
+            # row j: the earlier tasks, and task k on other episodes than the curve's, which chose this checkpoint
+            # (LIBERO reruns it with unseeded sampling): c_{k,k} is measured, not the best of the curve's draws
+            row = {**(evaluate(policy, args.tasks[:j]) if j else {}), **evaluate(policy, [k], 1)}
             res["success"].append([row[i][0] for i in args.tasks[:j + 1]])
             res["episodes"].append([row[i][1] for i in args.tasks[:j + 1]])
             res["curves"].append(curve)
             res["curve_episodes"].append(curve_episodes)
             res["fwt_k"].append(fwt_k)
             res["gripper_fit"].append(gripper_fit)
+            res["diagonal_fresh"].append(True)
             nll, nll_demos = nll_row(policy, vals, task_embs, args.device) if val else (None, None)
             res["nll"].append(nll)
             res["nll_demos"].append(nll_demos)
@@ -517,13 +538,8 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             res["task_ids"].append(k)
             res["demos"].append({"n_train": train.n_demos, "n_val": val.n_demos if val else 0,
                                  "train": train.demos, "val": val.demos if val else []})
-            if None not in res["fwt_k"]:  # rollouts measured: FWT, NBT, AUC and the heatmap
-                res["metrics"] = rollouts.lifelong_metrics(res["success"], res["fwt_k"])
-                rollouts.plot_success_matrix(res["success"], res["metrics"], os.path.join(args.out, "success.png"),
-                                             f"{args.suite} {args.algo} seed {args.seed}", res["task_ids"],
-                                             episodes=res["episodes"])
             save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"), res["task_emb"])
-            save_json(res, os.path.join(args.out, "results.json"))  # after the checkpoint: a task is done
+            score(args, res)  # after the checkpoint: a task is done
             if os.path.exists(os.path.join(args.out, "progress.pt")):  # this task's: done with it
                 os.remove(os.path.join(args.out, "progress.pt"))
             tqdm.write(f"== after task {k}: success {res['success'][-1]}  held-out NLL {res['nll'][-1]}\n"

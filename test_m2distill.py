@@ -336,11 +336,11 @@ def test_resume_does_not_redo_a_finished_task(suite_dir, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- data and bad input
 def scripted_rollouts(calls=None):
     """A stand-in evaluator: a 'success rate' that is a function of the task id and the policy's weights."""
-    def rollouts(policy, ids):
+    def rollouts(policy, ids, stream=0):
         if calls is not None:
-            calls.append(list(ids))
+            calls.append((list(ids), stream))
         w = sum(p.double().sum().item() for p in policy.parameters())
-        return {i: (round((w * (i + 1)) % 1, 4), 10) for i in ids}
+        return {i: (round((w * (i + 1) + stream / 3) % 1, 4), 10) for i in ids}
     return rollouts
 
 
@@ -349,7 +349,8 @@ def test_tasks_are_learned_in_the_given_order(suite_dir, tmp_path):
     res = m2distill.run(tiny_args(suite_dir, tmp_path, tasks=[1, 0]), evaluate=scripted_rollouts(calls))
     bench = data.suite_benchmark(SUITE)
     assert res["task_ids"] == [1, 0] and res["tasks"] == [bench.get_task(1).name, bench.get_task(0).name]
-    assert calls == [[1], [1], [1], [0], [0], [1, 0]]  # task 1 first: its curve, its row; then task 0
+    # task 1 first: its curve, its row (task 1 on stream 1); then task 0's curve, its row: task 1, task 0 on stream 1
+    assert calls == [([1], 0), ([1], 0), ([1], 1), ([0], 0), ([0], 0), ([1], 0), ([0], 1)]
     assert [len(r) for r in res["success"]] == [1, 2] and res["run"]["tasks"] == [1, 0]
     _, _, _, learned = evaluate.load_policy(str(tmp_path / "task0.pt"))
     assert learned == [1]  # the first checkpoint has learned LIBERO task 1 only
@@ -520,24 +521,39 @@ def test_lifelong_metrics_on_hand_computed_matrices():
 
 
 def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path):
-    """Rollouts at epochs 0, 1, 2 score 0, .5, .25: epoch 1's weights are kept, FWT_k holds .5 after it."""
-    scores, states = iter([0.0, 0.5, 0.25, 0.5, 0.0, 0.5, 0.25, 0.4, 0.3]), []
+    """Rollouts at epochs 0, 1, 2 score 0, .5, .25: epoch 1's weights are kept, FWT_k holds .5 after it. The task
+    just learnt is scored in the matrix on other episodes (stream 1) than the curve's, which chose the checkpoint:
+    c_{k,k} is measured (.35, .3), not the best of the curve (.5)."""
+    scores, fresh, states, calls = iter([0.0, 0.5, 0.25, 0.0, 0.5, 0.25, 0.4]), iter([0.35, 0.3]), [], []
 
-    def fake_rollouts(policy, ids):
+    def fake_rollouts(policy, ids, stream=0):
         states.append(copy.deepcopy(policy.state_dict()))
-        return {i: (next(scores), 2) for i in ids}
+        calls.append((list(ids), stream))
+        return {i: (next(fresh), 4) if stream else (next(scores), 2) for i in ids}
 
-    res = m2distill.run(tiny_args(suite_dir, tmp_path, epochs=2, eval_every=1), evaluate=fake_rollouts)
+    args = tiny_args(suite_dir, tmp_path, epochs=2, eval_every=1)
+    res = m2distill.run(args, evaluate=fake_rollouts)
     assert res["curves"] == [[0.0, 0.5, 0.25], [0.0, 0.5, 0.25]]
     assert res["fwt_k"] == [pytest.approx(1 / 3)] * 2  # (0 + .5 + .5) / 3, held at the best
-    assert res["success"] == [[0.5], [0.4, 0.3]]
-    assert res["episodes"] == [[2], [2, 2]] and res["curve_episodes"] == [[2, 2, 2], [2, 2, 2]]
+    assert res["success"] == [[0.35], [0.4, 0.3]] and res["diagonal_fresh"] == [True, True]
+    assert res["episodes"] == [[4], [2, 4]] and res["curve_episodes"] == [[2, 2, 2], [2, 2, 2]]
     kept = torch.load(tmp_path / "task0.pt")["state_dict"]
     assert all(torch.equal(v, states[1][k]) for k, v in kept.items())  # epoch 1, not the last epoch
+    assert all(torch.equal(v, states[3][k]) for k, v in kept.items())  # and it is what the matrix scored
     assert res["metrics"] == evaluate.lifelong_metrics(res["success"], res["fwt_k"])
-    assert res["metrics"]["nbt"] == pytest.approx(0.1)
+    assert res["metrics"]["nbt"] == pytest.approx(0.35 - 0.4)
     assert json.load(open(tmp_path / "results.json"))["metrics"] == res["metrics"]
     assert open(tmp_path / "success.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a record from before: its diagonal was the curve's best point; the same command measures it from task<j>.pt
+    old = json.load(open(tmp_path / "results.json"))
+    old["success"][0][0], old["success"][1][1], old["episodes"][0][0], old["episodes"][1][1] = 0.5, 0.5, 2, 2
+    del old["diagonal_fresh"]
+    json.dump(old, open(tmp_path / "results.json", "w"))
+    fresh, calls[:] = iter([0.35, 0.3]), []
+    again = m2distill.run(args, evaluate=fake_rollouts)
+    assert calls == [([0], 1), ([1], 1)] and again["success"] == [[0.35], [0.4, 0.3]]  # nothing else rerun
+    assert again["metrics"] == res["metrics"] and again["diagonal_fresh"] == [True, True]
+    assert json.load(open(tmp_path / "results.json"))["success"] == again["success"]
 
 
 def test_drop_noops_leaves_out_the_steps_that_do_nothing(tmp_path):
@@ -629,6 +645,9 @@ def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     forgot = aggregate.episode_intervals(run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10))
     assert forgot["nbt"][0] == 1.0 and 0.6 < forgot["nbt"][1] < 1.0  # 10 of 10, then 0 of 10: NBT clear of 0
     assert forgot["fwt"][0] == pytest.approx((0.5 + 0.45) / 2)
+    measured = {**run([[0.0, 1.0], [0.0, 0.9]], [[0.5], [0.0, 0.9]], 10), "diagonal_fresh": [True, True]}
+    nbt = aggregate.episode_intervals(measured)["nbt"]  # c_00 drawn from its own cell, 5 of 10, not the curve's 10
+    assert nbt[0] == 0.5 and 0.15 < nbt[1] < 0.4 and 0.6 < nbt[2] < 0.85
     zero = aggregate.episode_intervals(run([[0.0, 0.0]], [[0.0]], 10))
     assert zero["fwt"][:2] == (0.0, 0.0) and 0.05 < zero["fwt"][2] < 0.25  # 0 of 10: from 0, as Jeffreys'
     json.dump(run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), open(tmp_path / "er.json", "w"))
@@ -1489,7 +1508,7 @@ def test_a_worker_that_keeps_failing_stops_the_evaluation_instead_of_scoring_zer
 
 def test_rollouts_are_seeded_per_episode_whatever_the_workers_and_low_eval_noise_acts_with_a_modes_mean(tmp_path):
     """Episode i of task t is seeded by (seed, t, i): 1 and 2 workers, and a second evaluation, give the same
-    actions and outcomes. With --low-eval-noise (LIBERO's GMMHead option) the first action is the mean of one
+    actions and outcomes; stream 1 draws other episodes from the same init states. With --low-eval-noise (LIBERO's GMMHead option) the first action is the mean of one
     mode of the mixture (std 1e-4), while by default it is a full sample, far from every mode's mean."""
     policy, embs = model.ResNetT(d_lang=8, img_size=32), torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
 
@@ -1498,8 +1517,8 @@ def test_rollouts_are_seeded_per_episode_whatever_the_workers_and_low_eval_noise
         ev = evaluate.Evaluator(SUITE, n_eval=6, max_steps=3, workers=workers, seed=7,
                                 env_fn=functools.partial(fake_env_fn, n_init=6, record=str(tmp_path)), **kw)
         try:
-            for _ in range(calls):
-                rates = ev(policy, [0], embs)
+            for c in range(calls):
+                rates = ev(policy, [0], embs, stream=c // 2)  # calls 0, 1 on stream 0; call 2 on stream 1
                 outcomes = sorted(e[:4] for e in ev.episodes)
                 ev.episodes.clear()
                 out.append((rates, outcomes, {s: np.load(tmp_path / f"{s}.npy") for s in range(6)}))
@@ -1507,8 +1526,9 @@ def test_rollouts_are_seeded_per_episode_whatever_the_workers_and_low_eval_noise
             ev.close()
         return out
 
-    (r1, o1, a1), (r1b, o1b, a1b) = rollouts(1, calls=2)
+    (r1, o1, a1), (r1b, o1b, a1b), (_, _, fresh) = rollouts(1, calls=3)
     [(r2, o2, a2)] = rollouts(2)
+    assert all(not np.array_equal(a1[s], fresh[s]) for s in range(6))  # stream 1: the same init states, new draws
     assert 0 < r1[0][0] < 1 and r1[0][1] == 6  # some episodes succeed and some fail: outcomes follow the actions
     assert r1 == r1b == r2 and o1 == o1b == o2
     for s in range(6):
