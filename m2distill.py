@@ -449,17 +449,20 @@ def run(args, evaluate=None):
     t0 = time.time()
     ensure_data(args, bench)
     res["seconds"]["collect"] = res["seconds"].get("collect", 0) + time.time() - t0
+    finished = len(res["tasks"]) >= args.n_tasks
+    # a record from before nll_demos or diagonal_fresh gets them from its checkpoints
+    stale = [j for j, row in enumerate(res["success"]) if row[j] is not None and res["diagonal_fresh"][j] is None]
+    lacks = stale or args.val_demos and None in res["nll_demos"]
     if res["tasks"]:
-        finished = len(res["tasks"]) >= args.n_tasks
         if finished:
             resume_state(args, len(res["tasks"]) - 1)  # its last checkpoint is there and readable
         print(f"--out {args.out} holds {len(res['tasks'])} finished task(s) of {args.n_tasks}: "
-              + ", ".join(res["tasks"]) + ("; nothing left to do." if finished else "; resuming with the next one."),
-              flush=True)
+              + ", ".join(res["tasks"]) + ("; resuming with the next one." if not finished else
+                                           "; measuring what its record lacks from its checkpoints." if lacks else
+                                           "; nothing left to do."), flush=True)
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
-    stale = [j for j, row in enumerate(res["success"]) if row[j] is not None and res["diagonal_fresh"][j] is None]
-    if len(res["tasks"]) >= args.n_tasks and not (stale or args.val_demos and None in res["nll_demos"]):
-        return res  # finished; a record from before nll_demos or diagonal_fresh gets them from the checkpoints
+    if finished and not lacks:
+        return res
     if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
         with rollouts.exits("--init-from "):
             init_from(policy, args.init_from)

@@ -520,7 +520,7 @@ def test_lifelong_metrics_on_hand_computed_matrices():
     assert evaluate.lifelong_metrics([[0.7]], [0.6]) == {"fwt": 0.6, "nbt": None, "auc": 0.6}
 
 
-def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path):
+def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path, capsys):
     """Rollouts at epochs 0, 1, 2 score 0, .5, .25: epoch 1's weights are kept, FWT_k holds .5 after it. The task
     just learnt is scored in the matrix on other episodes (stream 1) than the curve's, which chose the checkpoint:
     c_{k,k} is measured (.35, .3), not the best of the curve (.5)."""
@@ -554,6 +554,7 @@ def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path
     assert calls == [([0], 1), ([1], 1)] and again["success"] == [[0.35], [0.4, 0.3]]  # nothing else rerun
     assert again["metrics"] == res["metrics"] and again["diagonal_fresh"] == [True, True]
     assert json.load(open(tmp_path / "results.json"))["success"] == again["success"]
+    assert "measuring what its record lacks from its checkpoints" in capsys.readouterr().out
 
 
 def test_drop_noops_leaves_out_the_steps_that_do_nothing(tmp_path):
