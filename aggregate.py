@@ -142,6 +142,10 @@ def aggregate(pattern, png=None):
     runs = [read_results(p) for p in paths if os.path.exists(p)]
     if not runs:
         raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
+    old = [p for p, r in zip(paths, runs) if r.get("metrics") and not all(r.get("diagonal_fresh") or [None])]
+    if old:
+        print(f"({', '.join(old)}: c_kk is its curve's best point (a record from before diagonal_fresh), biased upward, "
+              "and NBT with it; rerun each one's command to measure c_kk on fresh episodes)")
     runs = common_tasks([(p, r) for p, r in zip(paths, runs)])
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs if acts(r["run"], k)}) > 1

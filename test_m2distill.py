@@ -608,7 +608,8 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     lo, hi = aggregate.wilson(7, 10)
     assert (lo, hi) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
     assert aggregate.wilson(0, 10)[0] == 0.0 and aggregate.wilson(0, 10)[1] > 0.2 and aggregate.wilson(10, 10)[1] == 1.0
-    assert "| er | 3 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| er | 3 |" in out and "m2d_s3/results.json: c_kk is its curve's best point" in out
     assert open(tmp_path / "agg.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -651,10 +652,12 @@ def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     assert nbt[0] == 0.5 and 0.15 < nbt[1] < 0.4 and 0.6 < nbt[2] < 0.85
     zero = aggregate.episode_intervals(run([[0.0, 0.0]], [[0.0]], 10))
     assert zero["fwt"][:2] == (0.0, 0.0) and 0.05 < zero["fwt"][2] < 0.25  # 0 of 10: from 0, as Jeffreys'
-    json.dump(run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), open(tmp_path / "er.json", "w"))
+    partly_old = {**run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), "diagonal_fresh": [None, True]}
+    json.dump(partly_old, open(tmp_path / "er.json", "w"))
     g = aggregate.aggregate(str(tmp_path / "*.json"))["er"]
-    assert g["metrics_over"] == "episodes" and g["nbt"] == forgot["nbt"]
-    assert "for one seed, the 95% interval of its episodes" in capsys.readouterr().out
+    assert g["metrics_over"] == "episodes" and g["nbt"] == aggregate.episode_intervals(partly_old)["nbt"]
+    out = capsys.readouterr().out
+    assert "for one seed, the 95% interval of its episodes" in out and "er.json: c_kk is its curve's best" in out
 
 
 class FakeEnv:
