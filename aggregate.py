@@ -90,9 +90,9 @@ def episode_intervals(r, draws=4000, seed=0):
     from its Jeffreys posterior Beta(s + 1/2, n - s + 1/2); in each draw FWT_k holds the drawn curve at the run's
     best checkpoint (the last maximum of the curve, as learn_task chose it), and c_{k,k} is drawn from its own cell
     (diagonal_fresh: other episodes) or, in a record from before, is that curve point; evaluate.lifelong_metrics turns each of `draws` draws into FWT,
-    NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles, widened to hold the run's value (the posterior of 0 of n
-    sits above 0: Jeffreys' interval then starts at 0, Brown, Cai & DasGupta 2001). The spread of one run's
-    episodes, not over seeds."""
+    NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles: a 95% credible interval. The posterior of 0 of n has
+    mean 1/(2n + 2), so a run with several cells at 0 of n can lie below its lower bound (it is not widened to hold
+    it). The spread of one run's episodes, not over seeds."""
     curves, ce, succ, eps = (r.get(k) for k in ("curves", "curve_episodes", "success", "episodes"))
     if not (curves and ce and eps and r.get("metrics")) or None in sum(curves + succ, []) or len(curves) != len(succ):
         return None
@@ -108,12 +108,8 @@ def episode_intervals(r, draws=4000, seed=0):
             c[k][t] = beta(succ[k][t], eps[k][t])
     m = [lifelong_metrics([[c[k][t][d] for t in range(k + 1)] for k in range(len(c))], [f[d] for f in fwt])
          for d in range(draws)]
-    out = {}
-    for key in ("fwt", "nbt", "auc"):
-        v = r["metrics"][key]
-        lo, hi = np.quantile([x[key] for x in m], [0.025, 0.975]) if v is not None else (None, None)
-        out[key] = (v, None, None) if v is None else (v, min(float(lo), v), max(float(hi), v))
-    return out
+    return {key: (r["metrics"][key], *(np.quantile([x[key] for x in m], [0.025, 0.975]).tolist()
+                                       if r["metrics"][key] is not None else (None, None))) for key in ("fwt", "nbt", "auc")}
 
 
 def nll_intervals(rs):
@@ -183,8 +179,9 @@ def aggregate(pattern, png=None):
                     + " |")
     print("\n".join(rows))
     if any(g["metrics_over"] == "episodes" for g in out.values()):
-        print("(FWT, NBT, AUC: 95% t-interval over seeds; for one seed, the 95% interval of its episodes: every "
-              "measured success rate drawn from its Jeffreys posterior Beta(s+1/2, n-s+1/2), through the metrics)")
+        print("(FWT, NBT, AUC: 95% t-interval over seeds; for one seed, the 95% credible interval of its episodes: "
+              "every measured success rate drawn from its Jeffreys posterior Beta(s+1/2, n-s+1/2), through the "
+              "metrics; with several cells at 0 of 10 it can sit above the run's value)")
     for label, g in out.items():  # the NLL matrices, with the interval each is over
         if g["nll"]:
             print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task; "

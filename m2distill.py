@@ -289,8 +289,8 @@ def load_results(args):
     except (ValueError, AssertionError, KeyError, UnicodeDecodeError):
         raise SystemExit(f"--out {args.out}: {path} is not a results record of m2distill (empty, cut off or "
                          "edited); move it away (or pass another --out) to start over.") from None
-    for k in PER_TASK:  # a record from before these fields: not known
-        res.setdefault(k, [None] * len(res["tasks"]))
+    for k in PER_TASK:  # a record from before these fields (or written on by a checkout without them): not known
+        res[k] = (res.get(k) or []) + [None] * (len(res["tasks"]) - len(res.get(k) or []))
     res.setdefault("task_emb", None)
     diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
     if diff:
@@ -533,7 +533,7 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             res["curve_episodes"].append(curve_episodes)
             res["fwt_k"].append(fwt_k)
             res["gripper_fit"].append(gripper_fit)
-            res["diagonal_fresh"].append(True)
+            res["diagonal_fresh"].append(True if res["success"][-1][-1] is not None else None)  # None: not measured
             nll, nll_demos = nll_row(policy, vals, task_embs, args.device) if val else (None, None)
             res["nll"].append(nll)
             res["nll_demos"].append(nll_demos)

@@ -429,6 +429,7 @@ def test_every_run_records_the_gripper_fit_of_every_epoch(suite_dir, tmp_path):
     assert len(res["gripper_fit"]) == len(res["tasks"]) == 2
     assert all(len(f) == 2 and all(0 <= v <= 1 for e in f for v in e) for f in res["gripper_fit"])
     assert json.load(open(tmp_path / "results.json"))["gripper_fit"] == res["gripper_fit"]
+    assert res["diagonal_fresh"] == [None, None]  # --n-eval 0: no cell measured, fresh or not
 
 
 def test_every_algorithm_shares_the_first_task_and_can_start_from_anothers(suite_dir, tmp_path, monkeypatch):
@@ -551,6 +552,9 @@ def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path
     json.dump(old, open(tmp_path / "results.json", "w"))
     fresh, calls[:] = iter([0.35, 0.3]), []
     again = m2distill.run(args, evaluate=fake_rollouts)
+    for j, state in enumerate(states[-2:]):  # each c_kk is scored with that task's checkpoint
+        saved = torch.load(tmp_path / f"task{j}.pt")["state_dict"]
+        assert all(torch.equal(v, state[k]) for k, v in saved.items())
     assert calls == [([0], 1), ([1], 1)] and again["success"] == [[0.35], [0.4, 0.3]]  # nothing else rerun
     assert again["metrics"] == res["metrics"] and again["diagonal_fresh"] == [True, True]
     assert json.load(open(tmp_path / "results.json"))["success"] == again["success"]
@@ -635,7 +639,8 @@ def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, cap
 
 def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     def run(curves, success, n):
-        fwt_k = [float(np.mean(c[:int(np.argmax(c))] + [max(c)] * (len(c) - int(np.argmax(c))))) for c in curves]
+        best = [len(c) - 1 - int(np.argmax(c[::-1])) for c in curves]  # the last best point, as learn_task
+        fwt_k = [float(np.mean(c[:b] + [c[b]] * (len(c) - b))) for c, b in zip(curves, best)]
         return {"run": {"algo": "er", "seed": 1, "n_eval": n}, "curves": curves, "success": success,
                 "curve_episodes": [[n] * len(c) for c in curves], "episodes": [[n] * len(r) for r in success],
                 "fwt_k": fwt_k, "metrics": evaluate.lifelong_metrics(success, fwt_k)}
@@ -650,14 +655,18 @@ def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     measured = {**run([[0.0, 1.0], [0.0, 0.9]], [[0.5], [0.0, 0.9]], 10), "diagonal_fresh": [True, True]}
     nbt = aggregate.episode_intervals(measured)["nbt"]  # c_00 drawn from its own cell, 5 of 10, not the curve's 10
     assert nbt[0] == 0.5 and 0.15 < nbt[1] < 0.4 and 0.6 < nbt[2] < 0.85
-    zero = aggregate.episode_intervals(run([[0.0, 0.0]], [[0.0]], 10))
-    assert zero["fwt"][:2] == (0.0, 0.0) and 0.05 < zero["fwt"][2] < 0.25  # 0 of 10: from 0, as Jeffreys'
+    zero = aggregate.episode_intervals(run([[0.0]], [[0.0]], 10))
+    assert zero["fwt"][1] < 1e-3 and zero["fwt"][2] == pytest.approx(0.2172, abs=0.02)  # Jeffreys, 0 of 10
+    tie = aggregate.episode_intervals(run([[0.5, 0.0, 0.5]], [[0.5]], 10))  # held from the last best: (X0 + X1 + X2) / 3
+    assert tie["fwt"][0] == pytest.approx(1 / 3) and tie["fwt"][2] < 0.6  # from the first it would be X0: up to .78
+    zeros = aggregate.episode_intervals(run([[0.0] * 4], [[0.0]], 10))  # a credible interval, not widened:
+    assert zeros["fwt"][0] == 0.0 < zeros["fwt"][1]  # four points at 0 of 10 lift the posterior above the run's 0
     partly_old = {**run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), "diagonal_fresh": [None, True]}
     json.dump(partly_old, open(tmp_path / "er.json", "w"))
     g = aggregate.aggregate(str(tmp_path / "*.json"))["er"]
     assert g["metrics_over"] == "episodes" and g["nbt"] == aggregate.episode_intervals(partly_old)["nbt"]
     out = capsys.readouterr().out
-    assert "for one seed, the 95% interval of its episodes" in out and "er.json: c_kk is its curve's best" in out
+    assert "for one seed, the 95% credible interval of its episodes" in out and "er.json: c_kk is its curve's best" in out
 
 
 class FakeEnv:
@@ -1533,6 +1542,7 @@ def test_rollouts_are_seeded_per_episode_whatever_the_workers_and_low_eval_noise
     (r1, o1, a1), (r1b, o1b, a1b), (_, _, fresh) = rollouts(1, calls=3)
     [(r2, o2, a2)] = rollouts(2)
     assert all(not np.array_equal(a1[s], fresh[s]) for s in range(6))  # stream 1: the same init states, new draws
+    assert evaluate.episode_seed(7, 0, 3) == int(np.random.SeedSequence([7, 0, 3]).generate_state(1)[0])  # as before
     assert 0 < r1[0][0] < 1 and r1[0][1] == 6  # some episodes succeed and some fail: outcomes follow the actions
     assert r1 == r1b == r2 and o1 == o1b == o2
     for s in range(6):
