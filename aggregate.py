@@ -89,8 +89,8 @@ def episode_intervals(r, draws=4000, seed=0):
     Each measured success rate (every point of a task's curve, every cell of the matrix), s of n episodes, is drawn
     from its Jeffreys posterior Beta(s + 1/2, n - s + 1/2); in each draw FWT_k holds the drawn curve at the run's
     best checkpoint (the last maximum of the curve, as learn_task chose it), and c_{k,k} is drawn from its own cell
-    (diagonal_fresh: other episodes) or, in a record from before, is that curve point; evaluate.lifelong_metrics turns each of `draws` draws into FWT,
-    NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles: a 95% credible interval. The posterior of 0 of n has
+    (diagonal_fresh: other episodes) or, in a record from before, is that curve point; evaluate.lifelong_metrics
+    turns each of `draws` draws into FWT, NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles: a 95% credible interval. The posterior of 0 of n has
     mean 1/(2n + 2), so a run with several cells at 0 of n can lie below its lower bound (it is not widened to hold
     it). The spread of one run's episodes, not over seeds."""
     curves, ce, succ, eps = (r.get(k) for k in ("curves", "curve_episodes", "success", "episodes"))
@@ -109,7 +109,8 @@ def episode_intervals(r, draws=4000, seed=0):
     m = [lifelong_metrics([[c[k][t][d] for t in range(k + 1)] for k in range(len(c))], [f[d] for f in fwt])
          for d in range(draws)]
     return {key: (r["metrics"][key], *(np.quantile([x[key] for x in m], [0.025, 0.975]).tolist()
-                                       if r["metrics"][key] is not None else (None, None))) for key in ("fwt", "nbt", "auc")}
+                                       if r["metrics"][key] is not None else (None, None)))
+            for key in ("fwt", "nbt", "auc")}
 
 
 def nll_intervals(rs):
@@ -140,8 +141,8 @@ def aggregate(pattern, png=None):
         raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
     old = [p for p, r in zip(paths, runs) if r.get("metrics") and not all(r.get("diagonal_fresh") or [None])]
     if old:
-        print(f"({', '.join(old)}: c_kk is its curve's best point (a record from before diagonal_fresh), biased upward, "
-              "and NBT with it; rerun each one's command to measure c_kk on fresh episodes)")
+        print(f"({', '.join(old)}: c_kk is its curve's best point (a record from before diagonal_fresh), biased "
+              "upward, and NBT with it; rerun each one's command to measure c_kk on fresh episodes)")
     runs = common_tasks([(p, r) for p, r in zip(paths, runs)])
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs if acts(r["run"], k)}) > 1

@@ -122,7 +122,8 @@ def _end_with_parent(parent_pid):
 def _worker(conn, parent_pid, suite, max_steps, video_dir, env_fn, seed, low_eval_noise):
     """Serve ("policy", config, state_dict, task_embs), which replaces the policy, and (kind, task, ep, call, stream):
     kind "check" creates the task's env, resets it, sets init state 0 and steps once; "episode" runs one
-    rollout seeded by episode_seed(seed, task, ep, stream). Replies (task, ep, success, steps, seconds, traceback or None)."""
+    rollout seeded by episode_seed(seed, task, ep, stream). Replies (task, ep, success, steps, seconds, traceback
+    or None)."""
     _end_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it ends the workers
     sys.unraisablehook = lambda *_: None  # a half-made renderer's destructors; the error itself is sent back
@@ -178,12 +179,13 @@ class Evaluator:
     """Success rates of a policy on tasks of a suite, `n_eval` episodes each, over `workers` processes (alive until
     close() or the end of a `with` block).
 
-    evaluator(policy, task_ids, task_embs, stream=0) -> {task_id: (success rate, episodes)}: successes / episodes over the
-    1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could not run
+    evaluator(policy, task_ids, task_embs, stream=0) -> {task_id: (success rate, episodes)}: successes / episodes
+    over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could not run
     (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried once in
     a fresh env, then left out, never counted as a failure. EnvError, no result, when the simulator cannot start or
     render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task ran. Episode
-    ep of task t is seeded by episode_seed(seed, t, ep, stream), starts from init state ep mod 50; `low_eval_noise`: GMMHead."""
+    ep of task t is seeded by episode_seed(seed, t, ep, stream), starts from init state ep mod 50;
+    `low_eval_noise`: GMMHead."""
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
                  env_fn=None, seed=10000, low_eval_noise=False):
