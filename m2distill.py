@@ -380,6 +380,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     st = {"task": j, "epoch": -1, "curve": [], "curve_episodes": [], "best": -1.0, "best_state": None, "best_idx": 0,
           "gripper": []}
     progress = os.path.join(args.out, "progress.pt")
+    base = {k_: res["seconds"].get(k_, 0) for k_ in ("train", "eval")}  # this task's seconds: res's minus these
     if os.path.exists(progress):
         try:
             saved = torch.load(progress, map_location=args.device, weights_only=True)
@@ -393,7 +394,10 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
             torch.set_rng_state(saved["rng"])
             if saved["cuda_rng"]:
                 torch.cuda.set_rng_state_all(saved["cuda_rng"])
-            res["seconds"].update({k_: saved["seconds"][k_] for k_ in ("train", "eval") if k_ in saved["seconds"]})
+            if "task_seconds" not in saved:  # a progress.pt from before the field: its totals
+                saved["task_seconds"] = {k_: saved["seconds"].get(k_, 0) - v for k_, v in base.items()}
+            for k_, v in saved["task_seconds"].items():  # added: this process may have rolled out before resuming
+                res["seconds"][k_] = res["seconds"].get(k_, 0) + v
             saved.setdefault("gripper", [None] * max(saved["epoch"], 0))  # a progress.pt from before the field
             st = {k_: saved[k_] for k_ in st}
             tqdm.write(f"task {k}: resuming after epoch {st['epoch']} ({progress})")
@@ -420,7 +424,8 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
                           best_idx=len(st["curve"]) - 1)
         st["epoch"] = epoch
         save_torch({**st, "policy": policy.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "g": g.get_state(), "rng": torch.get_rng_state(), "seconds": res["seconds"],
+                    "g": g.get_state(), "rng": torch.get_rng_state(),
+                    "task_seconds": {k_: res["seconds"].get(k_, 0) - v for k_, v in base.items()},
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, progress)
     policy.load_state_dict(st["best_state"])
     curve, b = st["curve"], st["best_idx"]

@@ -359,8 +359,17 @@ def test_tasks_are_learned_in_the_given_order(suite_dir, tmp_path):
 
 
 def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_dir, tmp_path, monkeypatch):
+    """The same weights and numbers; and its seconds are every second spent: here each rollout call takes 100 s of
+    a fake clock, and the resumed run first re-measures c_00 (its record is made old), a call the other run lacks."""
     args = lambda out: tiny_args(suite_dir, out, epochs=2, eval_every=1)
-    ref = m2distill.run(args(tmp_path / "ref"), evaluate=scripted_rollouts())
+    clock, scripted = [0.0], scripted_rollouts()
+
+    def rollouts(*a):
+        clock[0] += 100
+        return scripted(*a)
+
+    monkeypatch.setattr(m2distill, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    ref = m2distill.run(args(tmp_path / "ref"), evaluate=rollouts)
     step, n = m2distill.train_step, {"calls": 0}
 
     def killed(*a):
@@ -371,12 +380,16 @@ def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_di
 
     monkeypatch.setattr(m2distill, "train_step", killed)
     with pytest.raises(KeyboardInterrupt):
-        m2distill.run(args(tmp_path / "cut"), evaluate=scripted_rollouts())
+        m2distill.run(args(tmp_path / "cut"), evaluate=rollouts)
     assert torch.load(tmp_path / "cut" / "progress.pt", weights_only=False)["epoch"] == 1
     monkeypatch.setattr(m2distill, "train_step", step)
-    res = m2distill.run(args(tmp_path / "cut"), evaluate=scripted_rollouts())
+    record = json.load(open(tmp_path / "cut" / "results.json"))
+    record["diagonal_fresh"] = [None]  # a record whose c_00 is the curve's best: re-measured before task 1 resumes
+    json.dump(record, open(tmp_path / "cut" / "results.json", "w"))
+    res = m2distill.run(args(tmp_path / "cut"), evaluate=rollouts)
     for k in ("success", "curves", "fwt_k", "nll", "gripper_fit"):
         assert res[k] == ref[k], k
+    assert ref["seconds"]["eval"] == 900 and res["seconds"]["eval"] == 1000  # 9 calls in both, 1 more here
     a, b = (torch.load(tmp_path / d / "task1.pt")["state_dict"] for d in ("ref", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # same weights: optimizer, schedule and random streams restored
     assert not os.path.exists(tmp_path / "cut" / "progress.pt")
