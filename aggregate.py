@@ -208,9 +208,9 @@ def plot_aggregate(groups, path):
             for j, m in enumerate(("fwt", "nbt", "auc")):
                 mean, lo, hi = g[m]
                 if mean is not None:
-                    err = None if lo is None else [[mean - lo], [hi - mean]]
-                    ax.bar(j + i / (G + 1), mean, 1 / (G + 1), yerr=err, capsize=3, color=f"C{i}",
-                           label=label if j == 0 else None)
+                    ax.bar(j + i / (G + 1), mean, 1 / (G + 1), color=f"C{i}", label=label if j == 0 else None)
+                if lo is not None:  # drawn from its ends: a one-seed interval can sit above the run's value
+                    ax.errorbar(j + i / (G + 1), (lo + hi) / 2, (hi - lo) / 2, fmt="none", ecolor="k", capsize=3)
         ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
         if ax.get_legend_handles_labels()[0]:  # runs without rollouts draw no bars

@@ -676,7 +676,10 @@ def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     assert zeros["fwt"][0] == 0.0 < zeros["fwt"][1]  # four points at 0 of 10 lift the posterior above the run's 0
     partly_old = {**run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), "diagonal_fresh": [None, True]}
     json.dump(partly_old, open(tmp_path / "er.json", "w"))
-    g = aggregate.aggregate(str(tmp_path / "*.json"))["er"]
+    above = run([[0.0] * 4, [0.0] * 4], [[0.0], [0.0, 0.0]], 10)  # its intervals all sit above its 0s
+    json.dump({**above, "run": {**above["run"], "algo": "sequential"}, "diagonal_fresh": [True, True]},
+              open(tmp_path / "seq.json", "w"))
+    g = aggregate.aggregate(str(tmp_path / "*.json"), str(tmp_path / "agg.png"))["er"]  # the picture draws them
     assert g["metrics_over"] == "episodes" and g["nbt"] == aggregate.episode_intervals(partly_old)["nbt"]
     out = capsys.readouterr().out
     assert "for one seed, the 95% credible interval of its episodes" in out and "er.json: c_kk is its curve's best" in out
