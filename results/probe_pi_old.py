@@ -1,0 +1,91 @@
+"""Why M2Distill does not learn LIBERO-Goal task 1 after task 8 (README, "The comparison so far"): two probes of
+a checkpoint that has learnt task 1, against pi_old (the task-8 checkpoint every run starts from).
+
+    python results/probe_pi_old.py modes DATA_DIR PI_OLD.pt RUN/task1.pt [RUN2/task1.pt ...]
+    python results/probe_pi_old.py rollouts RUN/task1.pt N_EPISODES SEED
+
+modes: on task 1's held-out demos (demo_20..24), at the steps where pi_old's most likely mode is far from the
+demo's action (arm x, y, z; actions in [-1, 1]), the new policy's mixture weight on "pi_old-like" modes: modes
+whose arm mean is nearer pi_old's most likely mode than the demo's action. Each sequence's first step (it sees
+o_t alone, as at an episode's start).
+rollouts: the evaluator's seeded episodes of task 1 (stream 0: the curve's), and at each step whether the goal
+of task 8 (bowl on the plate), 1 (on the stove) or 4 (on the cabinet) holds: which task the policy carries out.
+An analysis script, not part of a run: it reads checkpoints and demo files as evaluate.py does.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from model import fold_batchnorm  # noqa: E402
+
+SUITE, TASK, VAL = "libero_goal", 1, [f"demo_{i}" for i in range(20, 25)]
+
+
+def first_step_outputs(path, ds):
+    """The GMM's means (N, M, 7) and logits (N, M) at the first step of each of ds's N sequences."""
+    policy, embs, _, _ = evaluate.load_policy(path)
+    outs = []
+    with torch.no_grad():
+        for idx in torch.arange(len(ds)).split(64):
+            b = ds.batch(idx)
+            o = policy(b["obs"], embs[TASK].expand(len(idx), -1))
+            outs.append((o["means"][:, 0], o["logits"][:, 0]))
+    return torch.cat([m for m, _ in outs]), torch.cat([lg for _, lg in outs])
+
+
+def modes(data_dir, pi_old, *runs):
+    bench = data.suite_benchmark(SUITE)
+    ds = data.SequenceDataset.from_hdf5(data.task_file(data_dir, SUITE, bench.get_task(TASK).name), TASK, 10, VAL,
+                                        evaluate.load_policy(pi_old)[0].config["img_size"])
+    a = ds.actions[:, :3]  # (N, 3) the demo's arm action at each sequence's first step
+    means, logits = first_step_outputs(pi_old, ds)
+    top = means[torch.arange(len(a)), logits.argmax(-1), :3]  # (N, 3) pi_old's most likely mode
+    outs = {r: first_step_outputs(r, ds) for r in runs}
+    for thr in (0.3, 0.6):
+        far = (top - a).norm(dim=-1) > thr  # (N,)
+        print(f"steps where pi_old's most likely mode is > {thr} from the demo's arm action: {int(far.sum())} of "
+              f"{len(a)}")
+        for r, (mu, lg) in outs.items():
+            oldlike = (mu[..., :3] - top[:, None]).norm(dim=-1) < (mu[..., :3] - a[:, None]).norm(dim=-1)  # (N, M)
+            w = (lg.softmax(-1) * oldlike).sum(-1)  # (N,) weight on pi_old-like modes
+            print(f"  {r}: weight on pi_old-like modes {w[far].mean():.3f} there, {w[~far].mean():.3f} elsewhere")
+
+
+def rollouts(path, n_episodes, seed):
+    policy, embs, suite, _ = evaluate.load_policy(path)
+    fold_batchnorm(policy)  # as the evaluator's workers
+    goals = {}
+    for k in (8, 1, 4):
+        env, _ = evaluate.make_env(suite, k)
+        goals[k] = env.env.parsed_problem["goal_state"]
+        env.close()
+    env, inits = evaluate.make_env(suite, TASK)
+    for ep in range(int(n_episodes)):
+        s = evaluate.episode_seed(int(seed), TASK, ep, 0)
+        torch.manual_seed(s)
+        np.random.seed(s)
+        env.reset()
+        obs = env.set_init_state(inits[ep])
+        for _ in range(data.N_SETTLE):
+            obs, _, _, _ = env.step(np.zeros(7))
+        policy.reset()
+        first = {k: None for k in goals}
+        for t in range(300):
+            obs, _, done, _ = env.step(policy.get_action(evaluate.policy_obs(obs, policy.config["img_size"]),
+                                                         embs[TASK][None])[0])
+            for k, g in goals.items():
+                if first[k] is None and all(env.env._eval_predicate(p) for p in g):
+                    first[k] = t + 1
+            if done:
+                break
+        print(f"episode {ep}: success {bool(done)}; first step at which each task's goal held: {first}", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"modes": modes, "rollouts": rollouts}[sys.argv[1]](*sys.argv[2:])
