@@ -3,6 +3,7 @@ a checkpoint that has learnt task 1, against pi_old (the task-8 checkpoint every
 
     python results/probe_pi_old.py modes DATA_DIR PI_OLD.pt RUN/task1.pt [RUN2/task1.pt ...]
     python results/probe_pi_old.py rollouts RUN/task1.pt N_EPISODES SEED
+    python results/probe_pi_old.py language DATA_DIR RUN/task1.pt [RUN2/task1.pt ...]
 
 modes: on task 1's held-out demos (demo_20..24), at the steps where pi_old's most likely mode is far from the
 demo's action (arm x, y, z; actions in [-1, 1]), the new policy's mixture weight on "pi_old-like" modes: modes
@@ -10,6 +11,9 @@ whose arm mean is nearer pi_old's most likely mode than the demo's action. Each 
 o_t alone, as at an episode's start).
 rollouts: the evaluator's seeded episodes of task 1 (stream 0: the curve's), and at each step whether the goal
 of task 8 (bowl on the plate), 1 (on the stove) or 4 (on the cabinet) holds: which task the policy carries out.
+language: how much the instruction moves the image tokens (the FiLM path) on those demos: the mean over sequences
+and steps of ||f_c(o, l_1) - f_c(o, l_8)|| / (mean of the two norms) per camera c, and the same for the text
+token g(l).
 An analysis script, not part of a run: it reads checkpoints and demo files as evaluate.py does.
 """
 import os
@@ -38,10 +42,15 @@ def first_step_outputs(path, ds):
     return torch.cat([m for m, _ in outs]), torch.cat([lg for _, lg in outs])
 
 
+def held_out(data_dir, path):
+    """Task 1's held-out demos at the image size of the checkpoint `path`."""
+    name = data.suite_benchmark(SUITE).get_task(TASK).name
+    return data.SequenceDataset.from_hdf5(data.task_file(data_dir, SUITE, name), TASK, 10, VAL,
+                                          evaluate.load_policy(path)[0].config["img_size"])
+
+
 def modes(data_dir, pi_old, *runs):
-    bench = data.suite_benchmark(SUITE)
-    ds = data.SequenceDataset.from_hdf5(data.task_file(data_dir, SUITE, bench.get_task(TASK).name), TASK, 10, VAL,
-                                        evaluate.load_policy(pi_old)[0].config["img_size"])
+    ds = held_out(data_dir, pi_old)
     a = ds.actions[:, :3]  # (N, 3) the demo's arm action at each sequence's first step
     means, logits = first_step_outputs(pi_old, ds)
     top = means[torch.arange(len(a)), logits.argmax(-1), :3]  # (N, 3) pi_old's most likely mode
@@ -54,6 +63,21 @@ def modes(data_dir, pi_old, *runs):
             oldlike = (mu[..., :3] - top[:, None]).norm(dim=-1) < (mu[..., :3] - a[:, None]).norm(dim=-1)  # (N, M)
             w = (lg.softmax(-1) * oldlike).sum(-1)  # (N,) weight on pi_old-like modes
             print(f"  {r}: weight on pi_old-like modes {w[far].mean():.3f} there, {w[~far].mean():.3f} elsewhere")
+
+
+def language(data_dir, *runs):
+    ds = held_out(data_dir, runs[0])
+    rel = lambda x, y: ((x - y).norm(dim=-1) / ((x.norm(dim=-1) + y.norm(dim=-1)) / 2)).mean().item()
+    for r in runs:
+        policy, embs, _, _ = evaluate.load_policy(r)
+        sums = {}
+        with torch.no_grad():
+            for idx in torch.arange(len(ds)).split(64):
+                b = ds.batch(idx)
+                o1, o8 = (policy(b["obs"], embs[k].expand(len(idx), -1)) for k in (TASK, 8))
+                for c in ("agentview_rgb", "eye_in_hand_rgb", "text"):
+                    sums[c] = sums.get(c, 0) + rel(o1[c], o8[c]) * len(idx)
+        print(f"  {r}: instruction 1 vs 8 moves " + ", ".join(f"{c} by {v / len(ds):.3f}" for c, v in sums.items()))
 
 
 def rollouts(path, n_episodes, seed):
@@ -88,4 +112,4 @@ def rollouts(path, n_episodes, seed):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"modes": modes, "rollouts": rollouts}[sys.argv[1]](*sys.argv[2:])
+    {"modes": modes, "rollouts": rollouts, "language": language}[sys.argv[1]](*sys.argv[2:])
