@@ -1,5 +1,6 @@
-"""Why M2Distill does not learn LIBERO-Goal task 1 after task 8 (README, "The comparison so far"): two probes of
-a checkpoint that has learnt task 1, against pi_old (the task-8 checkpoint every run starts from).
+"""Why M2Distill does not learn LIBERO-Goal task 1 after task 8 (README, "The comparison so far"): three probes of
+a checkpoint that has learnt task 1 (or a run's progress.pt, mid-task), against pi_old (the task-8 checkpoint every
+run starts from).
 
     python results/probe_pi_old.py modes DATA_DIR PI_OLD.pt RUN/task1.pt [RUN2/task1.pt ...]
     python results/probe_pi_old.py rollouts RUN/task1.pt N_EPISODES SEED
@@ -30,9 +31,18 @@ from model import fold_batchnorm  # noqa: E402
 SUITE, TASK, VAL = "libero_goal", 1, [f"demo_{i}" for i in range(20, 25)]
 
 
+def load(path):
+    """evaluate.load_policy, and a run's progress.pt (the weights mid-task, the rest from task0.pt beside it)."""
+    if os.path.basename(path) != "progress.pt":
+        return evaluate.load_policy(path)
+    policy, embs, suite, tasks = evaluate.load_policy(os.path.join(os.path.dirname(path), "task0.pt"))
+    policy.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["policy"])
+    return policy, embs, suite, tasks
+
+
 def first_step_outputs(path, ds):
     """The GMM's means (N, M, 7) and logits (N, M) at the first step of each of ds's N sequences."""
-    policy, embs, _, _ = evaluate.load_policy(path)
+    policy, embs, _, _ = load(path)
     outs = []
     with torch.no_grad():
         for idx in torch.arange(len(ds)).split(64):
@@ -46,7 +56,7 @@ def held_out(data_dir, path):
     """Task 1's held-out demos at the image size of the checkpoint `path`."""
     name = data.suite_benchmark(SUITE).get_task(TASK).name
     return data.SequenceDataset.from_hdf5(data.task_file(data_dir, SUITE, name), TASK, 10, VAL,
-                                          evaluate.load_policy(path)[0].config["img_size"])
+                                          load(path)[0].config["img_size"])
 
 
 def modes(data_dir, pi_old, *runs):
@@ -69,7 +79,7 @@ def language(data_dir, *runs):
     ds = held_out(data_dir, runs[0])
     rel = lambda x, y: ((x - y).norm(dim=-1) / ((x.norm(dim=-1) + y.norm(dim=-1)) / 2)).mean().item()
     for r in runs:
-        policy, embs, _, _ = evaluate.load_policy(r)
+        policy, embs, _, _ = load(r)
         sums = {}
         with torch.no_grad():
             for idx in torch.arange(len(ds)).split(64):
@@ -81,7 +91,7 @@ def language(data_dir, *runs):
 
 
 def rollouts(path, n_episodes, seed):
-    policy, embs, suite, _ = evaluate.load_policy(path)
+    policy, embs, suite, _ = load(path)
     fold_batchnorm(policy)  # as the evaluator's workers
     goals = {}
     for k in (8, 1, 4):
