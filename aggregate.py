@@ -90,9 +90,9 @@ def episode_intervals(r, draws=4000, seed=0):
     from its Jeffreys posterior Beta(s + 1/2, n - s + 1/2); in each draw FWT_k holds the drawn curve at the run's
     best checkpoint (the last maximum of the curve, as learn_task chose it), and c_{k,k} is drawn from its own cell
     (diagonal_fresh: other episodes) or, in a record from before, is that curve point; evaluate.lifelong_metrics
-    turns each of `draws` draws into FWT, NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles: a 95% credible interval. The posterior of 0 of n has
-    mean 1/(2n + 2), so a run with several cells at 0 of n can lie below its lower bound (it is not widened to hold
-    it). The spread of one run's episodes, not over seeds."""
+    turns each of `draws` draws into FWT, NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles: a 95% credible
+    interval. The posterior of 0 of n has mean 1/(2n + 2), so a run with several cells at 0 of n can lie below its
+    lower bound (it is not widened to hold it). The spread of one run's episodes, not over seeds."""
     curves, ce, succ, eps = (r.get(k) for k in ("curves", "curve_episodes", "success", "episodes"))
     if not (curves and ce and eps and r.get("metrics")) or None in sum(curves + succ, []) or len(curves) != len(succ):
         return None

@@ -180,11 +180,11 @@ class Evaluator:
     close() or the end of a `with` block).
 
     evaluator(policy, task_ids, task_embs, stream=0) -> {task_id: (success rate, episodes)}: successes / episodes
-    over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could not run
-    (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried once in
-    a fresh env, then left out, never counted as a failure. EnvError, no result, when the simulator cannot start or
-    render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task ran. Episode
-    ep of task t is seeded by episode_seed(seed, t, ep, stream), starts from init state ep mod 50;
+    over the 1..n_eval episodes that ran (a success, or a policy failure: `max_steps` reached). An episode that could
+    not run (the env raised; the worker died, or hung for `episode_timeout` s, default 300 + 2 max_steps) is retried
+    once in a fresh env, then left out, never counted as a failure. EnvError, no result, when the simulator cannot
+    start or render (check), after STOP_AFTER tries in a row that could not run, or when no episode of a task ran.
+    Episode ep of task t is seeded by episode_seed(seed, t, ep, stream), starts from init state ep mod 50;
     `low_eval_noise`: GMMHead."""
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
