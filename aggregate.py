@@ -202,7 +202,7 @@ def aggregate(pattern, png=None):
 def plot_aggregate(groups, path):
     """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix."""
     G = len(groups)
-    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=(4 + 3.2 * G, 3.6), squeeze=False) as (fig, axes):
+    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=(4 + 3.2 * G, 3.6 + 0.15 * G), squeeze=False) as (fig, axes):
         ax = axes[0, 0]
         for i, (label, g) in enumerate(groups.items()):
             for j, m in enumerate(("fwt", "nbt", "auc")):
@@ -214,7 +214,7 @@ def plot_aggregate(groups, path):
         ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
         if ax.get_legend_handles_labels()[0]:  # runs without rollouts draw no bars
-            ax.legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: bars stay visible
         ax.set_title("mean, 95% t-interval over seeds\n(one seed: over its episodes, Jeffreys)", fontsize=8)
         for a, (label, g) in zip(axes[0, 1:], groups.items()):
             rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
