@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from evaluate import draw_matrix, lifelong_metrics, write_png
+from m2distill import ADDED_FLAGS
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
@@ -44,14 +45,15 @@ def read_results(path):
     except (OSError, ValueError, AssertionError, KeyError, TypeError):
         raise SystemExit(f"--aggregate: {path} is not a results.json of m2distill.py (cut off, edited or another "
                          "file); move it out of the glob or give a narrower one.") from None
+    res["run"] = {**ADDED_FLAGS, **res["run"]}  # a record from before a flag ran with its default
     return res
 
 
 def acts(run, k):
-    """Whether flag k acts in a run of run["algo"]: the distillation flags (lambda_*, kl_*) in M2Distill only, the
-    replay memory's in ER and M2Distill: a label names only the flags that act (a Sequential run's lambda_policy
-    of 1 does not set it apart from one of 0.1)."""
-    if k.startswith(("lambda_", "kl_")):
+    """Whether flag k acts in a run of run["algo"]: the distillation flags (lambda_*, kl_*, distill_on) in M2Distill
+    only, the replay memory's in ER and M2Distill: a label names only the flags that act (a Sequential run's
+    lambda_policy of 1 does not set it apart from one of 0.1)."""
+    if k.startswith(("lambda_", "kl_")) or k == "distill_on":
         return run["algo"] == "m2distill"
     return not (k in ("n_memories", "replay") and run["algo"] == "sequential")
 

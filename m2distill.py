@@ -108,13 +108,17 @@ def loss_policy(out, old, n_samples=10, direction="forward", timesteps="all", ge
 
 
 def total_loss(out, old, batch, args):
-    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC); (L, terms)."""
+    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC); (L, terms).
+    L_BC covers the whole batch; the four distillation terms its rows batch["distill_rows"] ((B,) bool; absent: all
+    rows), on which `old` was computed (train_step)."""
     terms = {"bc": loss_bc(out, batch["actions"])}
     if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
+        rows = batch.get("distill_rows")
+        new = out if rows is None else {k: v[rows] for k, v in out.items()}  # every output is (B, ...)
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
                "policy": lambda o, p: loss_policy(o, p, args.kl_samples, args.kl_direction, args.kl_timesteps)}
         lam = {k: getattr(args, f"lambda_{k}") for k in fns}
-        terms.update({k: lam[k] * f(out, old) for k, f in fns.items() if lam[k] > 0})  # lambda 0: term off
+        terms.update({k: lam[k] * f(new, old) for k, f in fns.items() if lam[k] > 0})  # lambda 0: term off
     return sum(terms.values()), terms
 
 
@@ -154,13 +158,15 @@ def gripper_wrong_weight(out, actions):
 
 
 def train_step(policy, old, batch, opt, args, fit=None):
-    """One gradient step on L; the old model runs once, without autograd, on the same batch. `fit`, a (4,) tensor,
-    has the step's gripper_wrong_weight added to it."""
+    """One gradient step on L; the old model runs once, without autograd, on the same batch (on its rows
+    batch["distill_rows"] where given: --distill-on past). `fit`, a (4,) tensor, has the step's gripper_wrong_weight
+    added to it."""
     policy.train()
     batch = {**batch, "obs": augment_obs(batch["obs"])}  # one draw, seen by both models
     out = policy(batch["obs"], batch["task_emb"])
+    rows = batch.get("distill_rows", slice(None))
     with torch.no_grad():
-        old_out = None if old is None else old(batch["obs"], batch["task_emb"])
+        old_out = None if old is None else old({k: v[rows] for k, v in batch["obs"].items()}, batch["task_emb"][rows])
     loss, terms = total_loss(out, old_out, batch, args)
     if fit is not None:
         fit += gripper_wrong_weight(out, batch["actions"])
@@ -256,7 +262,9 @@ def resume_state(args, j):
 RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_demos", "val_demos", "img_size",
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
              "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
-             "init_from", "drop_noops", "low_eval_noise")
+             "init_from", "drop_noops", "low_eval_noise", "distill_on")
+# Flags added after records were written, with the value those records ran with (load_results, aggregate.py).
+ADDED_FLAGS = {"distill_on": "all"}
 
 
 # results.json lists, one entry per task
@@ -264,7 +272,7 @@ PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episode
             "demos", "gripper_fit", "diagonal_fresh")
 # Flags that act only from the second task on: every algorithm learns the first task the same way.
 LATER_FLAGS = ("algo", "n_memories", "replay", "lambda_image", "lambda_text", "lambda_extra", "lambda_policy",
-               "kl_samples", "kl_direction", "kl_timesteps")
+               "kl_samples", "kl_direction", "kl_timesteps", "distill_on")
 
 
 def load_results(args):
@@ -292,6 +300,7 @@ def load_results(args):
     for k in PER_TASK:  # a record from before these fields (or written on by a checkout without them): not known
         res[k] = (res.get(k) or []) + [None] * (len(res["tasks"]) - len(res.get(k) or []))
     res.setdefault("task_emb", None)
+    res["run"] = {**ADDED_FLAGS, **res["run"]}
     diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
     if diff:
         raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
@@ -407,7 +416,10 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
             order, fit = torch.randperm(len(train), generator=g).split(args.batch_size), torch.zeros(4)
             bar = tqdm(order, desc=f"task {k} epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
             for idx in bar:
-                batch = to_device(make_batch(train, idx, memory, args.batch_size, g), task_embs, args.device)
+                raw = make_batch(train, idx, memory, args.batch_size, g)
+                batch = to_device(raw, task_embs, args.device)
+                if args.distill_on == "past":  # the replayed rows: samples of earlier tasks
+                    batch["distill_rows"] = (raw["task_id"] != k).to(args.device)
                 terms = train_step(policy, old, batch, opt, args, fit)
                 bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
             sched.step()
@@ -606,6 +618,8 @@ def parse_args(argv=None):
     a("--kl-samples", type=int, default=10, help="Monte Carlo samples N in L_policy")
     a("--kl-direction", default="forward", choices=["forward", "reverse"], help="KL(old||new) or KL(new||old)")
     a("--kl-timesteps", default="all", choices=["all", "last"], help="steps of each sequence L_policy covers")
+    a("--distill-on", default="all", choices=["all", "past"], help="M2Distill: the samples the four distillation "
+      "terms compare pi_theta and pi_old on: all (current and replayed) or past (the replayed ones only)")
     a("--task-emb", default="minilm", choices=["minilm", "bert", "onehot", "hash"])
     a("--drop-noops", action="store_true", help="train without the demos' no-op steps (no arm motion, gripper "
       "command unchanged), as OpenVLA's regenerated LIBERO data")
@@ -622,6 +636,8 @@ def parse_args(argv=None):
     args.tasks = args.tasks or list(range(args.n_tasks))
     args.out = args.out or os.path.join("runs", f"{args.suite}_{args.algo}_s{args.seed}")
     rollouts.check_flags(args, FLAG_RANGES, POSITIVE)
+    if args.distill_on == "past" and args.replay == "off":
+        p.error("--distill-on past distils on the replayed samples: it needs --replay on")
     if args.init_from and not os.path.isfile(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: no such file; pass LIBERO's checkpoint or a task<k>.pt of ours.")
     return args

@@ -244,6 +244,46 @@ def test_total_loss_switches_terms_off_with_zero_lambda(suite_dir, tmp_path):
     assert set(bc_only) == {"bc"}
 
 
+def test_distill_on_past_compares_the_models_on_the_replayed_rows_only(suite_dir, tmp_path):
+    policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(B=3), torch.randn(3, 32)
+    old = m2distill.freeze(policy)
+    with torch.no_grad():
+        for prm in policy.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    rows = torch.tensor([False, True, True])  # row 0: the current task's; rows 1-2: replayed
+    sub = lambda x: {k: v[rows] for k, v in x.items()}
+    actions = torch.rand(3, 10, 7) * 2 - 1
+    old_rows = outputs(old, sub(obs), emb[rows])  # train_step runs pi_old on those rows alone
+    torch.manual_seed(0)  # the KL's Monte Carlo draws
+    _, got = m2distill.total_loss(outputs(policy, obs, emb), old_rows,
+                                  {"obs": obs, "actions": actions, "task_emb": emb, "distill_rows": rows},
+                                  tiny_args(suite_dir, tmp_path, distill_on="past"))
+    torch.manual_seed(0)
+    _, ref = m2distill.total_loss(outputs(policy, sub(obs), emb[rows]), old_rows,
+                                  {"obs": sub(obs), "actions": actions[rows], "task_emb": emb[rows]},
+                                  tiny_args(suite_dir, tmp_path))
+    for k in ("image", "text", "extra", "policy"):
+        torch.testing.assert_close(got[k], ref[k])
+    torch.testing.assert_close(got["bc"], m2distill.loss_bc(outputs(policy, obs, emb), actions))  # L_BC: every row
+    assert not torch.isclose(got["bc"], ref["bc"])
+    with pytest.raises(SystemExit):  # no replayed rows to distil on
+        tiny_args(suite_dir, tmp_path, distill_on="past", replay="off")
+
+
+def test_distill_on_past_picks_the_replayed_rows_of_every_batch(suite_dir, tmp_path, monkeypatch):
+    seen, total_loss = [], m2distill.total_loss
+
+    def spy(out, old, batch, args):
+        if old is not None:
+            seen.append((batch["distill_rows"].tolist(), old["means"].shape[0]))
+        return total_loss(out, old, batch, args)
+
+    monkeypatch.setattr(m2distill, "total_loss", spy)
+    m2distill.run(tiny_args(suite_dir, tmp_path, distill_on="past"))
+    assert seen  # the second task: current rows first, then the 8 replayed ones (make_batch), pi_old on those
+    assert all(r == [False] * (len(r) - 8) + [True] * 8 and n == 8 for r, n in seen), seen
+
+
 def test_frozen_copy_with_folded_batchnorm_computes_the_same_policy():
     policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(), torch.randn(2, 32)
     policy.train()(obs, emb)  # move the running statistics away from their initial values
@@ -331,6 +371,11 @@ def test_resume_does_not_redo_a_finished_task(suite_dir, tmp_path, monkeypatch):
     assert all(torch.equal(v, torch.load(tmp_path / "task0.pt")["state_dict"][k]) for k, v in saved0.items())
     with pytest.raises(SystemExit, match="other flags"):
         m2distill.run(tiny_args(suite_dir, tmp_path, lambda_text=0.5))
+    rec = json.load(open(tmp_path / "results.json"))  # a record from before --distill-on: it ran with "all"
+    del rec["run"]["distill_on"]
+    json.dump(rec, open(tmp_path / "results.json", "w"))
+    assert m2distill.load_results(args)["run"]["distill_on"] == "all"
+    assert aggregate.read_results(str(tmp_path / "results.json"))["run"]["distill_on"] == "all"
 
 
 # ----------------------------------------------------------------------------- data and bad input
