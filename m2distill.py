@@ -377,7 +377,8 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E, rollouts of
     the task at epochs 0, eval_every, ..., the best checkpoint (ties: the later) loaded at the end. Every epoch the
     whole training state goes to <out>/progress.pt: a run killed mid-task resumes after its last finished epoch and
-    ends exactly as an uninterrupted one. Returns the success curve, FWT_k, the episodes of each curve point and the
+    ends exactly as an uninterrupted one; SystemExit if progress.pt is damaged or from a run with other flags (a
+    --first-task-from run writes results.json only after its second task, so progress.pt carries the flags). Returns the success curve, FWT_k, the episodes of each curve point and the
     gripper fit of every epoch 1..E: [W_open / open steps, W_closed / closed steps] (gripper_wrong_weight) over the
     batches the epoch trained on (None: no such step)."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
@@ -396,6 +397,11 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
         except Exception as e:  # a file cut short by a kill during its write, or not ours: a torch error of any kind
             raise SystemExit(f"{progress} is damaged ({type(e).__name__}); delete it to learn task {k} again from its "
                              "first epoch (the finished tasks are kept).") from None
+        other = [f for f in RUN_FLAGS if "run" in saved and (j or f not in LATER_FLAGS)  # (no "run": from before it)
+                 and {**ADDED_FLAGS, **saved["run"]}.get(f) != res["run"][f]]  # the first task ignores LATER_FLAGS
+        if saved["task"] == j and other:
+            raise SystemExit(f"{progress} is task {k} of a run with other flags ({', '.join(other)}); pass another "
+                             f"--out, or delete it to learn task {k} again with these flags.")
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
             for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
                 obj.load_state_dict(saved[name])
@@ -437,7 +443,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
         st["epoch"] = epoch
         save_torch({**st, "policy": policy.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "g": g.get_state(), "rng": torch.get_rng_state(),
-                    "task_seconds": {k_: res["seconds"].get(k_, 0) - v for k_, v in base.items()},
+                    "task_seconds": {k_: res["seconds"].get(k_, 0) - v for k_, v in base.items()}, "run": res["run"],
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, progress)
     policy.load_state_dict(st["best_state"])
     curve, b = st["curve"], st["best_idx"]
@@ -636,8 +642,8 @@ def parse_args(argv=None):
     args.tasks = args.tasks or list(range(args.n_tasks))
     args.out = args.out or os.path.join("runs", f"{args.suite}_{args.algo}_s{args.seed}")
     rollouts.check_flags(args, FLAG_RANGES, POSITIVE)
-    if args.distill_on == "past" and args.replay == "off":
-        p.error("--distill-on past distils on the replayed samples: it needs --replay on")
+    if args.algo == "m2distill" and args.distill_on == "past" and (args.replay == "off" or args.n_memories == 0):
+        p.error("--distill-on past distils on the replayed samples: it needs --replay on and --n-memories > 0")
     if args.init_from and not os.path.isfile(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: no such file; pass LIBERO's checkpoint or a task<k>.pt of ours.")
     return args

@@ -266,22 +266,26 @@ def test_distill_on_past_compares_the_models_on_the_replayed_rows_only(suite_dir
         torch.testing.assert_close(got[k], ref[k])
     torch.testing.assert_close(got["bc"], m2distill.loss_bc(outputs(policy, obs, emb), actions))  # L_BC: every row
     assert not torch.isclose(got["bc"], ref["bc"])
-    with pytest.raises(SystemExit):  # no replayed rows to distil on
-        tiny_args(suite_dir, tmp_path, distill_on="past", replay="off")
+    for no_memory in ({"replay": "off"}, {"n_memories": 0}):  # no replayed rows to distil on
+        with pytest.raises(SystemExit):
+            tiny_args(suite_dir, tmp_path, distill_on="past", **no_memory)
 
 
 def test_distill_on_past_picks_the_replayed_rows_of_every_batch(suite_dir, tmp_path, monkeypatch):
-    seen, total_loss = [], m2distill.total_loss
+    seen, total_loss, freeze, frozen = [], m2distill.total_loss, m2distill.freeze, []
 
     def spy(out, old, batch, args):
-        if old is not None:
-            seen.append((batch["distill_rows"].tolist(), old["means"].shape[0]))
+        if old is not None:  # pi_old's text latent tells which task's instruction its rows carry
+            with torch.no_grad():
+                ref = frozen[-1].language_encoder(batch["task_emb"][batch["distill_rows"]])
+            seen.append((batch["distill_rows"].tolist(), torch.equal(old["text"], ref)))
         return total_loss(out, old, batch, args)
 
     monkeypatch.setattr(m2distill, "total_loss", spy)
+    monkeypatch.setattr(m2distill, "freeze", lambda p: frozen.append(freeze(p)) or frozen[-1])
     m2distill.run(tiny_args(suite_dir, tmp_path, distill_on="past"))
-    assert seen  # the second task: current rows first, then the 8 replayed ones (make_batch), pi_old on those
-    assert all(r == [False] * (len(r) - 8) + [True] * 8 and n == 8 for r, n in seen), seen
+    assert seen  # the second task: current rows first, then the 8 replayed ones (make_batch); pi_old ran on those
+    assert all(r == [False] * (len(r) - 8) + [True] * 8 and same for r, same in seen), seen
 
 
 def test_frozen_copy_with_folded_batchnorm_computes_the_same_policy():
@@ -1850,6 +1854,32 @@ def test_a_damaged_progress_file_or_a_swapped_checkpoint_stops_the_resume_with_o
     shutil.copy(tmp_path / "task0.pt", tmp_path / "task1.pt")  # a checkpoint of another task under task1.pt
     with pytest.raises(SystemExit, match="task1.pt holds the weights after task 0 of its run, not 1"):
         m2distill.run(args)
+
+
+def test_a_progress_file_of_a_run_with_other_flags_stops_the_resume(suite_dir, tmp_path, monkeypatch):
+    """A --first-task-from run killed in its second task has no results.json in --out yet: rerun with other flags
+    into that --out, it must not resume the other run's weights, optimizer and epoch."""
+    src = tmp_path / "src"
+    m2distill.run(tiny_args(suite_dir, src, "sequential", epochs=2, tasks=[0]))
+    step, n = m2distill.train_step, {"calls": 0}
+
+    def killed(*a):  # task 1 takes 2 x 3 steps: killed in its second epoch
+        n["calls"] += 1
+        if n["calls"] == 5:
+            raise KeyboardInterrupt
+        return step(*a)
+
+    monkeypatch.setattr(m2distill, "train_step", killed)
+    args = lambda **kw: tiny_args(suite_dir, tmp_path / "m2d", epochs=2, first_task_from=src, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(args(lambda_policy=0.1))
+    monkeypatch.setattr(m2distill, "train_step", step)
+    assert not os.path.exists(tmp_path / "m2d" / "results.json")
+    progress = tmp_path / "m2d" / "progress.pt"
+    with pytest.raises(SystemExit, match=f"^{progress} is task 1 of a run with other flags \\(lambda_policy\\)"):
+        m2distill.run(args(lambda_policy=1.0))
+    assert os.path.exists(progress)  # nothing lost
+    assert len(m2distill.run(args(lambda_policy=0.1))["tasks"]) == 2  # the same flags resume
 
 
 def test_aggregate_names_a_broken_results_file_and_makes_the_picture_folder(tmp_path):
