@@ -204,7 +204,8 @@ def aggregate(pattern, png=None):
 def plot_aggregate(groups, path):
     """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix."""
     G = len(groups)
-    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=(4 + 3.2 * G, 3.6 + 0.15 * G), squeeze=False) as (fig, axes):
+    size = (4 + 3.2 * G, 3.6 + 0.15 * G)  # taller with more groups: the legend sits below the metrics
+    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=size, squeeze=False) as (fig, axes):
         ax = axes[0, 0]
         for i, (label, g) in enumerate(groups.items()):
             for j, m in enumerate(("fwt", "nbt", "auc")):

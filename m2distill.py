@@ -378,9 +378,10 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     the task at epochs 0, eval_every, ..., the best checkpoint (ties: the later) loaded at the end. Every epoch the
     whole training state goes to <out>/progress.pt: a run killed mid-task resumes after its last finished epoch and
     ends exactly as an uninterrupted one; SystemExit if progress.pt is damaged or from a run with other flags (a
-    --first-task-from run writes results.json only after its second task, so progress.pt carries the flags). Returns the success curve, FWT_k, the episodes of each curve point and the
-    gripper fit of every epoch 1..E: [W_open / open steps, W_closed / closed steps] (gripper_wrong_weight) over the
-    batches the epoch trained on (None: no such step)."""
+    --first-task-from run writes results.json only after its second task, so progress.pt carries the flags).
+    Returns the success curve, FWT_k, the episodes of each curve point and the gripper fit of every epoch 1..E:
+    [W_open / open steps, W_closed / closed steps] (gripper_wrong_weight) over the batches the epoch trained on
+    (None: no such step)."""
     check_room(policy, task_embs, args)  # before training, not after: a full disk costs no training time
     k = args.tasks[j]  # LIBERO task id
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-4)
@@ -397,12 +398,12 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
         except Exception as e:  # a file cut short by a kill during its write, or not ours: a torch error of any kind
             raise SystemExit(f"{progress} is damaged ({type(e).__name__}); delete it to learn task {k} again from its "
                              "first epoch (the finished tasks are kept).") from None
-        other = [f for f in RUN_FLAGS if "run" in saved and (j or f not in LATER_FLAGS)  # (no "run": from before it)
-                 and {**ADDED_FLAGS, **saved["run"]}.get(f) != res["run"][f]]  # the first task ignores LATER_FLAGS
-        if saved["task"] == j and other:
-            raise SystemExit(f"{progress} is task {k} of a run with other flags ({', '.join(other)}); pass another "
-                             f"--out, or delete it to learn task {k} again with these flags.")
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
+            other = [f for f in RUN_FLAGS if "run" in saved and (j or f not in LATER_FLAGS)  # no "run": from before it
+                     and {**ADDED_FLAGS, **saved["run"]}.get(f) != res["run"][f]]  # task 0 ignores LATER_FLAGS
+            if other:
+                raise SystemExit(f"{progress} is task {k} of a run with other flags ({', '.join(other)}); pass another "
+                                 f"--out, or delete it to learn task {k} again with these flags.")
             for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
                 obj.load_state_dict(saved[name])
             g.set_state(saved["g"])
