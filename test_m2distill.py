@@ -244,7 +244,7 @@ def test_total_loss_switches_terms_off_with_zero_lambda(suite_dir, tmp_path):
     assert set(bc_only) == {"bc"}
 
 
-def test_distill_on_past_compares_the_models_on_the_replayed_rows_only(suite_dir, tmp_path):
+def test_distill_on_past_compares_the_models_on_the_replayed_rows_only(suite_dir, tmp_path, capsys):
     policy, obs, emb = model.ResNetT(32, img_size=32), fake_obs(B=3), torch.randn(3, 32)
     old = m2distill.freeze(policy)
     with torch.no_grad():
@@ -269,6 +269,7 @@ def test_distill_on_past_compares_the_models_on_the_replayed_rows_only(suite_dir
     for no_memory in ({"replay": "off"}, {"n_memories": 0}):  # no replayed rows to distil on
         with pytest.raises(SystemExit):
             tiny_args(suite_dir, tmp_path, distill_on="past", **no_memory)
+        assert "--distill-on past" in capsys.readouterr().err  # the one line names the flag
 
 
 def test_distill_on_past_picks_the_replayed_rows_of_every_batch(suite_dir, tmp_path, monkeypatch):
