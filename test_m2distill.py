@@ -1883,6 +1883,30 @@ def test_a_progress_file_of_a_run_with_other_flags_stops_the_resume(suite_dir, t
     assert len(m2distill.run(args(lambda_policy=0.1))["tasks"]) == 2  # the same flags resume
 
 
+def test_a_first_task_progress_file_resumes_under_another_algorithm_but_not_other_task_flags(suite_dir, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """Every algorithm learns the first task the same way (LATER_FLAGS act from the second on, as --first-task-from):
+    a run killed in task 0 resumes under another --algo or lambdas, but not under another --lr."""
+    step, n = m2distill.train_step, {"calls": 0}
+
+    def killed(*a):  # task 0 takes 2 x 4 steps: killed in its second epoch
+        n["calls"] += 1
+        if n["calls"] == 6:
+            raise KeyboardInterrupt
+        return step(*a)
+
+    monkeypatch.setattr(m2distill, "train_step", killed)
+    args = lambda algo, **kw: tiny_args(suite_dir, tmp_path, algo, epochs=2, tasks=[0], **kw)
+    with pytest.raises(KeyboardInterrupt):
+        m2distill.run(args("sequential"))
+    monkeypatch.setattr(m2distill, "train_step", step)
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'progress.pt'} is task 0 of a run with other flags \\(lr\\)"):
+        m2distill.run(args("m2distill", lr=3e-4))
+    capsys.readouterr()
+    res = m2distill.run(args("m2distill", lambda_policy=0.1))
+    assert "task 0: resuming after epoch 1" in capsys.readouterr().out
+    assert res["run"]["algo"] == "m2distill" and len(res["tasks"]) == 1
+
 def test_aggregate_names_a_broken_results_file_and_makes_the_picture_folder(tmp_path):
     os.makedirs(tmp_path / "runs" / "a")
     (tmp_path / "runs" / "a" / "results.json").write_text('{"success": [[')
