@@ -63,6 +63,22 @@ def tiny_args(suite_dir, out, algo="m2distill", **kw):
     return m2distill.parse_args(argv)
 
 
+def killed_at_step(monkeypatch, n, run):
+    """run() with m2distill.train_step raising KeyboardInterrupt (a kill) at its n-th call; then train_step as ever."""
+    step, calls = m2distill.train_step, {"n": 0}
+
+    def killed(*a):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return step(*a)
+
+    monkeypatch.setattr(m2distill, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(m2distill, "train_step", step)
+
+
 # ----------------------------------------------------------------------------- model
 def test_parameter_count_matches_libero_arithmetic():
     # Per camera: ResNet-18 to layer2 = conv1 3*64*49 = 9,408 + bn 128 + layer1 2*(2*36,864 + 2*128) = 147,968
@@ -420,19 +436,9 @@ def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_di
 
     monkeypatch.setattr(m2distill, "time", types.SimpleNamespace(time=lambda: clock[0]))
     ref = m2distill.run(args(tmp_path / "ref"), evaluate=rollouts)
-    step, n = m2distill.train_step, {"calls": 0}
-
-    def killed(*a):
-        n["calls"] += 1
-        if n["calls"] == 13:  # task 0 takes 2 x 4 steps, task 1 2 x 3: the middle of task 1's second epoch
-            raise KeyboardInterrupt
-        return step(*a)
-
-    monkeypatch.setattr(m2distill, "train_step", killed)
-    with pytest.raises(KeyboardInterrupt):
-        m2distill.run(args(tmp_path / "cut"), evaluate=rollouts)
+    # task 0 takes 2 x 4 steps, task 1 2 x 3: killed in the middle of task 1's second epoch
+    killed_at_step(monkeypatch, 13, lambda: m2distill.run(args(tmp_path / "cut"), evaluate=rollouts))
     assert torch.load(tmp_path / "cut" / "progress.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(m2distill, "train_step", step)
     record = json.load(open(tmp_path / "cut" / "results.json"))
     record["diagonal_fresh"] = [None]  # a record whose c_00 is the curve's best: re-measured before task 1 resumes
     json.dump(record, open(tmp_path / "cut" / "results.json", "w"))
@@ -1832,19 +1838,9 @@ def test_evaluate_refuses_a_suite_other_than_the_checkpoints(tmp_path):
 
 def test_a_damaged_progress_file_or_a_swapped_checkpoint_stops_the_resume_with_one_line(suite_dir, tmp_path,
                                                                                        monkeypatch):
-    step, n = m2distill.train_step, {"calls": 0}
-
-    def killed(*a):  # the run is killed in task 1, after its first epoch (task 0: 2 x 4 steps, task 1: 2 x 3)
-        n["calls"] += 1
-        if n["calls"] == 12:
-            raise KeyboardInterrupt
-        return step(*a)
-
-    monkeypatch.setattr(m2distill, "train_step", killed)
     args = tiny_args(suite_dir, tmp_path, "sequential", epochs=2)
-    with pytest.raises(KeyboardInterrupt):
-        m2distill.run(args)
-    monkeypatch.setattr(m2distill, "train_step", step)
+    # killed in task 1, after its first epoch (task 0: 2 x 4 steps, task 1: 2 x 3)
+    killed_at_step(monkeypatch, 12, lambda: m2distill.run(args))
     progress = tmp_path / "progress.pt"
     progress.write_bytes(progress.read_bytes()[:3000])  # cut short by a kill while it was written
     with pytest.raises(SystemExit, match=f"^{progress} is damaged .*delete it to learn task 1 again"):
@@ -1862,19 +1858,8 @@ def test_a_progress_file_of_a_run_with_other_flags_stops_the_resume(suite_dir, t
     into that --out, it must not resume the other run's weights, optimizer and epoch."""
     src = tmp_path / "src"
     m2distill.run(tiny_args(suite_dir, src, "sequential", epochs=2, tasks=[0]))
-    step, n = m2distill.train_step, {"calls": 0}
-
-    def killed(*a):  # task 1 takes 2 x 3 steps: killed in its second epoch
-        n["calls"] += 1
-        if n["calls"] == 5:
-            raise KeyboardInterrupt
-        return step(*a)
-
-    monkeypatch.setattr(m2distill, "train_step", killed)
     args = lambda **kw: tiny_args(suite_dir, tmp_path / "m2d", epochs=2, first_task_from=src, **kw)
-    with pytest.raises(KeyboardInterrupt):
-        m2distill.run(args(lambda_policy=0.1))
-    monkeypatch.setattr(m2distill, "train_step", step)
+    killed_at_step(monkeypatch, 5, lambda: m2distill.run(args(lambda_policy=0.1)))  # task 1, 2 x 3 steps: epoch 2
     assert not os.path.exists(tmp_path / "m2d" / "results.json")
     progress = tmp_path / "m2d" / "progress.pt"
     with pytest.raises(SystemExit, match=f"^{progress} is task 1 of a run with other flags \\(lambda_policy\\)"):
@@ -1887,19 +1872,8 @@ def test_a_first_task_progress_file_resumes_under_another_algorithm_but_not_othe
                                                                                            monkeypatch, capsys):
     """Every algorithm learns the first task the same way (LATER_FLAGS act from the second on, as --first-task-from):
     a run killed in task 0 resumes under another --algo or lambdas, but not under another --lr."""
-    step, n = m2distill.train_step, {"calls": 0}
-
-    def killed(*a):  # task 0 takes 2 x 4 steps: killed in its second epoch
-        n["calls"] += 1
-        if n["calls"] == 6:
-            raise KeyboardInterrupt
-        return step(*a)
-
-    monkeypatch.setattr(m2distill, "train_step", killed)
     args = lambda algo, **kw: tiny_args(suite_dir, tmp_path, algo, epochs=2, tasks=[0], **kw)
-    with pytest.raises(KeyboardInterrupt):
-        m2distill.run(args("sequential"))
-    monkeypatch.setattr(m2distill, "train_step", step)
+    killed_at_step(monkeypatch, 6, lambda: m2distill.run(args("sequential")))  # task 0, 2 x 4 steps: epoch 2
     with pytest.raises(SystemExit, match=f"^{tmp_path / 'progress.pt'} is task 0 of a run with other flags \\(lr\\)"):
         m2distill.run(args("m2distill", lr=3e-4))
     capsys.readouterr()
