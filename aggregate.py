@@ -224,4 +224,4 @@ def plot_aggregate(groups, path):
             ci = {kt: wilson(g["successes"][kt], g["episodes"][kt]) for kt in zip(*np.tril_indices_from(rate))}
             draw_matrix(a, rate, g["task_ids"], {(k, t): f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]"
                                                  for (k, t), (lo, hi) in ci.items() if lo is not None}, 6, 7)
-            a.set_title(f"{label}\n({len(g['seeds'])} seeds, Wilson 95%)", fontsize=7)
+            a.set_title(f"{label}\n({len(g['seeds'])} seed{'s' * (len(g['seeds']) > 1)}, Wilson 95%)", fontsize=7)
