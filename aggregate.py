@@ -7,6 +7,8 @@ A module of its own, as expert.py: nothing in a run needs it (m2distill.py and e
 import glob
 import json
 import os
+from collections import Counter
+import textwrap
 
 import numpy as np
 
@@ -131,7 +133,7 @@ def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
     Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
-    groups). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its
+    groups, each named only in the groups that differ from the value most groups share, printed once). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its
     episodes, episode_intervals; g["metrics_over"] says which); the success matrix pooled over seeds
     (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting (mean over k < K of
     nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Runs that finished more tasks than others
@@ -149,10 +151,21 @@ def aggregate(pattern, png=None):
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs if acts(r["run"], k)}) > 1
                and k != "algo"]
+    # a label names a varying flag only where its group differs from the value most groups share (none on a tie)
+    value = lambda run, k: json.dumps(run.get(k)) if acts(run, k) else None
+    distinct = {(r["run"]["algo"], *(value(r["run"], k) for k in varying)): r["run"] for r in runs}.values()
+    shared = {}
+    for k in varying:
+        (v, n), (_, n2), *_ = Counter(value(f, k) for f in distinct if acts(f, k)).most_common()
+        if n > n2:
+            shared[k] = v
+    common = " ".join(f"{k}={json.loads(v)}" for k, v in shared.items())
+    if shared:
+        print(f"(a label names a flag only where its runs differ from what most groups share: {common})")
     groups = {}
     for r in runs:
-        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying
-                                                          if acts(r["run"], k)]), []).append(r)
+        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying if acts(r["run"], k)
+                                                          and value(r["run"], k) != shared.get(k)]), []).append(r)
     rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
     fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
     for label, rs in groups.items():
@@ -197,31 +210,41 @@ def aggregate(pattern, png=None):
               "sequences; NLL forgetting is the mean of nll[K-1][k] - nll[k][k] paired by demo, with its t-interval "
               "over those pairs: the spread within one run, not over seeds)")
     if png:
-        plot_aggregate(out, png)
+        plot_aggregate(out, png, common and f"unless named: {common}")
     return out
 
 
-def plot_aggregate(groups, path):
-    """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix."""
+def plot_aggregate(groups, path, legend_title="", per_row=4):
+    """FWT, NBT, AUC per group with their 95% intervals, beside each group's pooled success matrix: `per_row`
+    matrices a row, titles and legend wrapped, so that a glob of many groups stays readable."""
     G = len(groups)
-    size = (4 + 3.2 * G, 3.6 + 0.15 * G)  # taller with more groups: the legend sits below the metrics
-    with write_png(path, 110, nrows=1, ncols=G + 1, figsize=size, squeeze=False) as (fig, axes):
+    rows, cols = -(-G // per_row), min(G, per_row)  # ceil
+    size = (4 + 3.2 * cols, 3.6 * rows + 0.15 * G)  # taller with more groups: the legend sits below the metrics
+    with write_png(path, 110, nrows=rows, ncols=cols + 1, figsize=size, squeeze=False) as (fig, axes):
+        for a in axes[1:, 0]:  # below the metrics: room for their legend
+            a.axis("off")
         ax = axes[0, 0]
         for i, (label, g) in enumerate(groups.items()):
             for j, m in enumerate(("fwt", "nbt", "auc")):
                 mean, lo, hi = g[m]
                 if mean is not None:
-                    ax.bar(j + i / (G + 1), mean, 1 / (G + 1), color=f"C{i}", label=label if j == 0 else None)
+                    ax.bar(j + i / (G + 1), mean, 1 / (G + 1), color=f"C{i}",
+                           label=textwrap.fill(label, 45) if j == 0 else None)
                 if lo is not None:  # drawn from its ends: a one-seed interval can sit above the run's value
                     ax.errorbar(j + i / (G + 1), (lo + hi) / 2, (hi - lo) / 2, fmt="none", ecolor="k", capsize=3)
         ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
         if ax.get_legend_handles_labels()[0]:  # runs without rollouts draw no bars
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: bars stay visible
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), title=textwrap.fill(legend_title, 45),
+                      title_fontsize=7).set_in_layout(False)  # below: bars stay visible
         ax.set_title("mean, 95% t-interval over seeds\n(one seed: over its episodes, Jeffreys)", fontsize=8)
-        for a, (label, g) in zip(axes[0, 1:], groups.items()):
+        mats = [axes[i // cols, 1 + i % cols] for i in range(rows * cols)]  # (rows, cols) matrices, row by row
+        for a in mats[G:]:
+            a.axis("off")
+        for a, (label, g) in zip(mats, groups.items()):
             rate = np.where(g["episodes"] > 0, g["successes"] / np.maximum(g["episodes"], 1), np.nan)
             ci = {kt: wilson(g["successes"][kt], g["episodes"][kt]) for kt in zip(*np.tril_indices_from(rate))}
             draw_matrix(a, rate, g["task_ids"], {(k, t): f"{rate[k, t]:.2f}\n[{lo:.2f},{hi:.2f}]"
                                                  for (k, t), (lo, hi) in ci.items() if lo is not None}, 6, 7)
-            a.set_title(f"{label}\n({len(g['seeds'])} seed{'s' * (len(g['seeds']) > 1)}, Wilson 95%)", fontsize=7)
+            a.set_title(f"{textwrap.fill(label, 40)}\n({len(g['seeds'])} seed{'s' * (len(g['seeds']) > 1)}, "
+                        "Wilson 95%)", fontsize=7)

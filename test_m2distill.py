@@ -706,6 +706,28 @@ def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, cap
         aggregate.aggregate(str(tmp_path / "*.json"))
 
 
+def test_aggregate_labels_name_only_what_sets_a_group_apart_and_its_picture_wraps(tmp_path, capsys):
+    # an ablation glob: full M2Distill (lambda_policy 0.1), one term off in each other group, ER beside them
+    flags = [{"lambda_policy": 0.1}, {"lambda_policy": 0.1, "lambda_text": 0.0}, {"lambda_policy": 0.0},
+             {"lambda_policy": 0.1, "lambda_image": 0.0}, {"lambda_policy": 0.1, "lambda_extra": 0.0}]
+    for i, f in enumerate(flags + [{"algo": "er"}]):
+        run = {"algo": "m2distill", "seed": 1, "n_eval": 10, **{f"lambda_{m}": 1.0 for m in
+                                                                 ("image", "text", "extra", "policy")}, **f}
+        json.dump({"run": run, "success": [[0.5]], "episodes": [[10]], "metrics": {"fwt": .5, "nbt": None, "auc": .5}},
+                  open(tmp_path / f"r{i}.json", "w"))
+    groups = aggregate.aggregate(str(tmp_path / "*.json"), str(tmp_path / "agg.png"))
+    assert set(groups) == {"m2distill", "m2distill lambda_text=0.0", "m2distill lambda_policy=0.0",
+                           "m2distill lambda_image=0.0", "m2distill lambda_extra=0.0", "er"}
+    assert "most groups share: lambda_extra=1.0 lambda_image=1.0 lambda_policy=0.1 lambda_text=1.0" in \
+        capsys.readouterr().out  # what the short labels leave out, said once
+    w, h = np.frombuffer(open(tmp_path / "agg.png", "rb").read()[16:24], ">u4")  # the PNG's IHDR: width, height
+    assert w < 3 * h  # six matrices in rows of four, not one strip
+    for i in (0, 1, 4):  # left: lambda_policy 0 with every term on, and 0.1 without L_image: a tie, so both name both
+        os.remove(tmp_path / f"r{i}.json")
+    assert set(aggregate.aggregate(str(tmp_path / "*.json"))) == {
+        "m2distill lambda_image=1.0 lambda_policy=0.0", "m2distill lambda_image=0.0 lambda_policy=0.1", "er"}
+
+
 def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     def run(curves, success, n):
         best = [len(c) - 1 - int(np.argmax(c[::-1])) for c in curves]  # the last best point, as learn_task
