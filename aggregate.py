@@ -236,7 +236,7 @@ def plot_aggregate(groups, path, legend_title="", per_row=4):
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
         if ax.get_legend_handles_labels()[0]:  # runs without rollouts draw no bars
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), title=textwrap.fill(legend_title, 45),
-                      title_fontsize=7).set_in_layout(False)  # below: bars stay visible
+                      title_fontsize=7).set_in_layout(rows == 1)  # below: bars stay visible; 2+ rows: in the row below
         ax.set_title("mean, 95% t-interval over seeds\n(one seed: over its episodes, Jeffreys)", fontsize=8)
         mats = [axes[i // cols, 1 + i % cols] for i in range(rows * cols)]  # (rows, cols) matrices, row by row
         for a in mats[G:]:
