@@ -7,8 +7,8 @@ A module of its own, as expert.py: nothing in a run needs it (m2distill.py and e
 import glob
 import json
 import os
-from collections import Counter
 import textwrap
+from collections import Counter
 
 import numpy as np
 
@@ -133,10 +133,11 @@ def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
     Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
-    groups, each named only in the groups that differ from the value most groups share, printed once). Per group: FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its
-    episodes, episode_intervals; g["metrics_over"] says which); the success matrix pooled over seeds
-    (successes / episodes) with a Wilson interval per cell; the held-out NLL forgetting (mean over k < K of
-    nll[K-1][k] - nll[k][k], in nats) where held-out demos were kept. Runs that finished more tasks than others
+    groups, each named only in the groups that differ from the value most groups share, printed once). Per group:
+    FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its episodes, episode_intervals;
+    g["metrics_over"] says which); the success matrix pooled over seeds (successes / episodes) with a Wilson interval
+    per cell; the held-out NLL forgetting (mean over k < K of nll[K-1][k] - nll[k][k], in nats) where held-out demos
+    were kept. Runs that finished more tasks than others
     are compared on the tasks all finished (common_tasks). Returns the groups, prints the markdown
     table, writes `png` (plot_aggregate)."""
     paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
