@@ -159,8 +159,9 @@ def gripper_wrong_weight(out, actions):
 
 def train_step(policy, old, batch, opt, args, fit=None):
     """One gradient step on L; the old model runs once, without autograd, on the same batch (on its rows
-    batch["distill_rows"] where given: --distill-on past). `fit`, a (4,) tensor, has the step's gripper_wrong_weight
-    added to it."""
+    batch["distill_rows"] where given: --distill-on past), in eval mode while the policy is in train mode (so L_image
+    and L_policy are not 0 at identical weights: README, "Choices"). `fit`, a (4,) tensor, has the step's
+    gripper_wrong_weight added to it."""
     policy.train()
     batch = {**batch, "obs": augment_obs(batch["obs"])}  # one draw, seen by both models
     out = policy(batch["obs"], batch["task_emb"])

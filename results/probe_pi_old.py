@@ -5,6 +5,7 @@ run starts from).
     python results/probe_pi_old.py modes DATA_DIR PI_OLD.pt RUN/task1.pt [RUN2/task1.pt ...]
     python results/probe_pi_old.py rollouts RUN/task1.pt N_EPISODES SEED
     python results/probe_pi_old.py language DATA_DIR RUN/task1.pt [RUN2/task1.pt ...]
+    python results/probe_pi_old.py gap DATA_DIR PI_OLD.pt RUN/task1.pt [RUN2/task1.pt ...]
 
 modes: on task 1's held-out demos (demo_20..24), at the steps where pi_old's most likely mode is far from the
 demo's action (arm x, y, z; actions in [-1, 1]), the new policy's mixture weight on "pi_old-like" modes: modes
@@ -15,6 +16,11 @@ of task 8 (bowl on the plate), 1 (on the stove) or 4 (on the cabinet) holds: whi
 language: how much the instruction moves the image tokens (the FiLM path) on those demos: the mean over sequences
 and steps of ||f_c(o, l_1) - f_c(o, l_8)|| / (mean of the two norms) per camera c, and the same for the text
 token g(l).
+gap: the four distillation terms (lambda 1) of each policy against pi_old on batches of 16 random held-out sequences
+of task 1 and 16 of task 8 (augmented as in training), with the policy in train mode (dropout, stochastic depth, batch
+statistics in its batch norms: what training optimises) and in eval mode (the policies themselves). pi_old is
+m2distill.freeze's (eval mode, batch norms folded); the train-mode numbers minus the eval-mode ones are what the
+mode gap adds. Pass PI_OLD.pt as a policy too for the terms at identical weights.
 An analysis script, not part of a run: it reads checkpoints and demo files as evaluate.py does.
 """
 import os
@@ -52,10 +58,10 @@ def first_step_outputs(path, ds):
     return torch.cat([m for m, _ in outs]), torch.cat([lg for _, lg in outs])
 
 
-def held_out(data_dir, path):
-    """Task 1's held-out demos at the image size of the checkpoint `path`."""
-    name = data.suite_benchmark(SUITE).get_task(TASK).name
-    return data.SequenceDataset.from_hdf5(data.task_file(data_dir, SUITE, name), TASK, 10, VAL,
+def held_out(data_dir, path, task=TASK):
+    """A task's held-out demos (default task 1) at the image size of the checkpoint `path`."""
+    name = data.suite_benchmark(SUITE).get_task(task).name
+    return data.SequenceDataset.from_hdf5(data.task_file(data_dir, SUITE, name), task, 10, VAL,
                                           load(path)[0].config["img_size"])
 
 
@@ -90,6 +96,37 @@ def language(data_dir, *runs):
         print(f"  {r}: instruction 1 vs 8 moves " + ", ".join(f"{c} by {v / len(ds):.3f}" for c, v in sums.items()))
 
 
+def gap(data_dir, pi_old, *runs):
+    import copy
+    import types
+    import m2distill
+    from model import augment_obs
+    ds1, ds8 = held_out(data_dir, pi_old), held_out(data_dir, pi_old, 8)
+    old, embs, _, _ = load(pi_old)
+    old = m2distill.freeze(old)
+    lam = types.SimpleNamespace(lambda_image=1, lambda_text=1, lambda_extra=1, lambda_policy=1, kl_samples=10,
+                                kl_direction="forward", kl_timesteps="all")
+    for r in runs:
+        policy = load(r)[0]
+        # a train-mode forward updates the batch norms' running statistics: the train-mode policy is a copy
+        twins = {"train": copy.deepcopy(policy).train(), "eval": policy.eval()}
+        torch.manual_seed(0)  # batches, augmentation, dropout, KL samples: the same draws for every policy
+        order = [torch.randperm(len(d))[:min(len(ds1), len(ds8)) // 16 * 16].view(-1, 16) for d in (ds1, ds8)]
+        sums, n = {}, 0
+        with torch.no_grad():
+            for i1, i8 in zip(*order):  # (16,) random sequences of each task, as training batches are drawn
+                b = data.cat_batches([ds1.batch(i1), ds8.batch(i8)])
+                b = {**b, "obs": augment_obs(b["obs"]), "task_emb": embs[b["task_id"]]}
+                o = old(b["obs"], b["task_emb"])
+                for mode, p in twins.items():
+                    _, terms = m2distill.total_loss(p(b["obs"], b["task_emb"]), o, b, lam)
+                    for k, v in terms.items():
+                        sums[mode, k] = sums.get((mode, k), 0) + v.item()
+                n += 1
+        print(f"  {r}: " + "; ".join(f"{mode} mode " + ", ".join(f"{k} {sums[mode, k] / n:.3f}" for k in
+                                     ("bc", "image", "text", "extra", "policy")) for mode in ("train", "eval")))
+
+
 def rollouts(path, n_episodes, seed):
     policy, embs, suite, _ = load(path)
     fold_batchnorm(policy)  # as the evaluator's workers
@@ -122,4 +159,4 @@ def rollouts(path, n_episodes, seed):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"modes": modes, "rollouts": rollouts, "language": language}[sys.argv[1]](*sys.argv[2:])
+    {"modes": modes, "rollouts": rollouts, "language": language, "gap": gap}[sys.argv[1]](*sys.argv[2:])
