@@ -268,7 +268,8 @@ class SequenceDataset:
         return len(self.actions)
 
     def truncate(self, n):
-        """The first n sequences only, keeping just the frames they read (LIBERO's TruncatedSequenceDataset)."""
+        """The frames the first n sequences read: every frame up to the end of the demo that holds sequence n-1 (so
+        len >= n; ReplayMemory samples only the first n). LIBERO's TruncatedSequenceDataset."""
         keep = int(self.demo_end[: max(n, 1)].max()) + 1
         return SequenceDataset({k: v[:keep].clone() for k, v in self.obs.items()}, self.actions[:keep].clone(),
                                self.demo_end[:keep].clone(), self.task_id, self.seq_len)

@@ -320,7 +320,8 @@ def lifelong_metrics(conf_mat, fwt_k):
     """FWT, NBT and AUC (SPEC.md section 6) from the success matrix and the per-task FWT_k.
 
     conf_mat[k][tau] = c_{k,tau}: success on task tau after learning task k (row k needs tau <= k;
-    a ragged list of rows is fine). fwt_k[k] = FWT_k = (1/11) sum_e c_{k,k,e}, the held-at-best curve.
+    a ragged list of rows is fine). fwt_k[k] = FWT_k, the mean over the curve's points c_{k,k,e}
+    (epochs 0, eval_every, ..., E; 11 with LIBERO's 50 and 5) of the curve held at its best.
     With tasks indexed 1..K as in the paper and c_{k,k} the diagonal (the best checkpoint of task k):
 
         FWT = (1/K) sum_k FWT_k
@@ -443,7 +444,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a task<k>.pt written by m2distill.py")
     p.add_argument("--suite", default=None, help="default: the checkpoint's suite")
-    p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: the tasks the checkpoint has learned, 0..k for task<k>.pt)")
+    p.add_argument("--tasks", type=int, nargs="+", help="task ids to evaluate (default: the LIBERO ids of the tasks the checkpoint has learned)")
     p.add_argument("--n-eval", type=int, default=20, help="episodes per task")
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--eval-workers", type=int, default=os.cpu_count())

@@ -310,8 +310,8 @@ def load_results(args):
 
 
 def first_task_from(args, res):
-    """Take the first task from the finished run in `args.first_task_from` (its task0.pt and its results'
-    first entries), so that Sequential, ER and M2Distill start task 2 from one and the same policy."""
+    """Take the first task of the run in `args.first_task_from` (finished there: its task0.pt and its results' first
+    entries), so that Sequential, ER and M2Distill start task 2 from one and the same policy."""
     src = args.first_task_from
     try:
         other = json.load(open(os.path.join(src, "results.json")))
@@ -602,7 +602,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=10000)
     a("--n-tasks", type=int, help="learn tasks 0..n-1 of the suite, in LIBERO's task order 0")
     a("--tasks", type=int, nargs="+", help="learn these LIBERO task ids in this order (default 0..n-1)")
-    a("--first-task-from", metavar="RUN", help="start from the first task of this finished run (same data, "
+    a("--first-task-from", metavar="RUN", help="start from the finished first task of this run (same data, "
       "flags and first task; any algorithm): task 0 is trained once for a whole comparison")
     a("--epochs", type=int)
     a("--batch-size", type=int, help="current-task sequences per step (ER adds as many replayed)")
