@@ -1175,6 +1175,19 @@ def test_out_of_range_flags_get_one_line_naming_flag_and_range(suite_dir, tmp_pa
     assert msg.startswith(f"{flag} {value}") and msg.endswith(f"allowed: {allowed}.")
 
 
+
+def test_the_readme_flags_table_lists_exactly_the_flags_of_m2distill(capsys):
+    """A flag a user can pass has a row in the README's Flags table, and every row names a real flag (--videos once
+    had none)."""
+    with pytest.raises(SystemExit):
+        m2distill.parse_args(["--help"])
+    parser = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out)) - {"--help"}
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = readme.split("\n## Flags\n")[1].split("\n## ")[0]
+    rows = {f for line in table.splitlines() if line.startswith("| `--")
+            for f in re.findall(r"`(--[a-z][a-z-]*)`", line.split(" | ")[0])}
+    assert rows == parser, (sorted(parser - rows), sorted(rows - parser))
+
 def garbage(path):
     with open(path, "wb") as f:
         f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
