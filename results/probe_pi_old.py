@@ -19,8 +19,8 @@ token g(l).
 gap: the four distillation terms (lambda 1) of each policy against pi_old on batches of 16 random held-out sequences
 of task 1 and 16 of task 8 (augmented as in training), with the policy in train mode (dropout, stochastic depth, batch
 statistics in its batch norms: what training optimises) and in eval mode (the policies themselves). pi_old is
-m2distill.freeze's (eval mode, batch norms folded); the train-mode numbers minus the eval-mode ones are what the
-mode gap adds. Pass PI_OLD.pt as a policy too for the terms at identical weights.
+m2distill.freeze's (eval mode, batch norms folded). With a checkpoint as both PI_OLD.pt and the policy, the eval-mode
+terms are 0 and the train-mode ones are the gap the modes alone make, at that checkpoint's weights.
 An analysis script, not part of a run: it reads checkpoints and demo files as evaluate.py does.
 """
 import os
@@ -119,7 +119,9 @@ def gap(data_dir, pi_old, *runs):
                 b = {**b, "obs": augment_obs(b["obs"]), "task_emb": embs[b["task_id"]]}
                 o = old(b["obs"], b["task_emb"])
                 for mode, p in twins.items():
-                    _, terms = m2distill.total_loss(p(b["obs"], b["task_emb"]), o, b, lam)
+                    out = p(b["obs"], b["task_emb"])
+                    torch.manual_seed(1000 + n)  # L_policy's action samples: the same in both modes
+                    _, terms = m2distill.total_loss(out, o, b, lam)
                     for k, v in terms.items():
                         sums[mode, k] = sums.get((mode, k), 0) + v.item()
                 n += 1
