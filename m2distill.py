@@ -108,18 +108,19 @@ def loss_policy(out, old, n_samples=10, direction="forward", timesteps="all", ge
 
 
 def total_loss(out, old, batch, args):
-    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC); (L, terms).
-    L_BC covers the whole batch; the four distillation terms its rows batch["distill_rows"] ((B,) bool; absent: all
-    rows), on which `old` was computed (train_step)."""
-    terms = {"bc": loss_bc(out, batch["actions"])}
+    """L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy (no old model: L_BC) -> (L, terms),
+    terms the unweighted L_BC, L_image, ... (a term whose lambda is 0 is off: not computed). L_BC covers the whole
+    batch; the four distillation terms its rows batch["distill_rows"] ((B,) bool; absent: all rows), on which `old`
+    was computed (train_step)."""
+    terms, lam = {"bc": loss_bc(out, batch["actions"])}, {"bc": 1.0}
     if old is not None and torch.isfinite(terms["bc"]):  # non-finite outputs never reach the KL sampler
         rows = batch.get("distill_rows")
         new = out if rows is None else {k: v[rows] for k, v in out.items()}  # every output is (B, ...)
         fns = {"image": loss_image, "text": loss_text, "extra": loss_extra,
                "policy": lambda o, p: loss_policy(o, p, args.kl_samples, args.kl_direction, args.kl_timesteps)}
-        lam = {k: getattr(args, f"lambda_{k}") for k in fns}
-        terms.update({k: lam[k] * f(new, old) for k, f in fns.items() if lam[k] > 0})  # lambda 0: term off
-    return sum(terms.values()), terms
+        lam.update({k: getattr(args, f"lambda_{k}") for k in fns})
+        terms.update({k: f(new, old) for k, f in fns.items() if lam[k] > 0})
+    return sum(lam[k] * v for k, v in terms.items()), terms
 
 
 # ----------------------------------------------------------------------------- one step
