@@ -11,22 +11,20 @@ import textwrap
 from collections import Counter
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from evaluate import draw_matrix, lifelong_metrics, write_png
 from m2distill import ADDED_FLAGS
 
 
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-
-
 def mean_ci(xs):
     """Mean and 95% Student-t interval over seeds, (mean, lo, hi); None values are left out; n = 1 gives
-    no interval (lo = hi = None). t quantiles are tabulated up to 15 seeds, then 1.96 (normal)."""
+    no interval (lo = hi = None); the t quantile of n - 1 degrees of freedom at any n (scipy)."""
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return (float(xs[0]) if xs else None), None, None
     m = float(np.mean(xs))
-    h = (T975[len(xs) - 2] if len(xs) - 2 < len(T975) else 1.96) * float(np.std(xs, ddof=1)) / np.sqrt(len(xs))
+    h = float(student_t.ppf(0.975, len(xs) - 1)) * float(np.std(xs, ddof=1)) / np.sqrt(len(xs))
     return m, m - h, m + h
 
 
@@ -140,8 +138,9 @@ def aggregate(pattern, png=None):
     were kept. Runs that finished more tasks than others
     are compared on the tasks all finished (common_tasks). Returns the groups, prints the markdown
     table, writes `png` (plot_aggregate)."""
-    paths = sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
-    runs = [read_results(p) for p in paths if os.path.exists(p)]
+    paths = [p for p in sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
+             if os.path.exists(p)]
+    runs = [read_results(p) for p in paths]
     if not runs:
         raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
     old = [p for p, r in zip(paths, runs) if r.get("metrics") and not all(r.get("diagonal_fresh") or [None])]
@@ -163,10 +162,15 @@ def aggregate(pattern, png=None):
     common = " ".join(f"{k}={json.loads(v)}" for k, v in shared.items())
     if shared:
         print(f"(a label names a flag only where its runs differ from what most groups share: {common})")
-    groups = {}
-    for r in runs:
-        groups.setdefault(" ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying if acts(r["run"], k)
-                                                          and value(r["run"], k) != shared.get(k)]), []).append(r)
+    groups, seen = {}, {}
+    for p, r in zip(paths, runs):
+        label = " ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying if acts(r["run"], k)
+                                               and value(r["run"], k) != shared.get(k)])
+        twin = seen.setdefault(json.dumps(r["run"], sort_keys=True), p)
+        if twin != p:  # a copy, or a rerun into another --out: not a second seed
+            raise SystemExit(f"--aggregate: {twin} and {p} are runs with the same flags and seed "
+                             f"({r['run']['seed']}), which would count as two seeds; keep one of them in the glob.")
+        groups.setdefault(label, []).append(r)
     rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
     fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
     for label, rs in groups.items():

@@ -179,11 +179,12 @@ def time_split(path):
     res = json.load(open(path))
     s = res["seconds"]
     total = sum(s.values())
-    print(f"\n## d. time of the run in {path} ({len(res['tasks'])} tasks)")
+    copied = f"; task 0 copied from {res['first_task_from']}, its time not counted" if res.get("first_task_from") else ""
+    print(f"\n## d. time of the run in {path} ({len(res['tasks'])} tasks{copied}; start-up not counted)")
     print("| part | minutes | share |\n|---|---|---|")
     for k in ("collect", "data", "train", "eval"):
         print(f"| {k} | {s.get(k, 0) / 60:.1f} | {s.get(k, 0) / total:.0%} |")
-    print(f"| total | {total / 60:.1f} | |")
+    print(f"| sum of the parts | {total / 60:.1f} | |")
 
 
 class TimedPolicy:

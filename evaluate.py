@@ -472,6 +472,8 @@ def main(argv=None):
     bad = [t for t in tasks if not 0 <= t < min(n, len(embs))]
     if bad:
         raise SystemExit(f"--tasks {bad}: {args.suite} has tasks 0..{n - 1}, the checkpoint embeds {len(embs)}.")
+    if len(set(tasks)) < len(tasks):  # its seeded episodes would run twice and count as 2 x --n-eval
+        raise SystemExit(f"--tasks {' '.join(map(str, tasks))}: give each task once.")
     with Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, args.video_dir, seed=args.seed,
                    low_eval_noise=args.low_eval_noise) as ev:
         rates = ev(policy, tasks, embs)  # the simulator is checked first (Evaluator.check)

@@ -678,8 +678,10 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     json.dump(one, open(tmp_path / "m2d_lp01_s1" / "results.json", "w"))
     groups = aggregate.aggregate(str(tmp_path / "*"), str(tmp_path / "agg.png"))
     assert set(groups) == {"er", "m2distill lambda_policy=1.0", "m2distill lambda_policy=0.1"}  # ER has no lambdas
-    m, lo, hi = groups["er"]["auc"]  # 0.2, 0.4, 0.6: s = 0.2, t(0.975, 2) = 4.303
-    assert (m, hi - m) == (pytest.approx(0.4), pytest.approx(4.303 * 0.2 / 3 ** 0.5))
+    m, lo, hi = groups["er"]["auc"]  # 0.2, 0.4, 0.6: s = 0.2, t(0.975, 2) = 4.3027
+    assert (m, hi - m) == (pytest.approx(0.4), pytest.approx(4.3027 * 0.2 / 3 ** 0.5, rel=1e-4))
+    m, lo, hi = aggregate.mean_ci(list(range(20)))  # t(0.975, 19) = 2.0930 at any n, not the normal 1.96
+    assert hi - m == pytest.approx(2.0930 * np.std(range(20), ddof=1) / 20 ** 0.5, rel=1e-4)
     assert groups["m2distill lambda_policy=0.1"]["auc"] == (pytest.approx(0.9), None, None)  # one seed: no interval
     g = groups["er"]
     assert g["successes"][1, 0] == 21 and g["episodes"][1, 0] == 30  # pooled over 3 seeds: 7 of 10 each
@@ -687,7 +689,7 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     assert g["nll_over"] == "seeds" and g["nll"][1][0] == pytest.approx((-4.0, -4.0, -4.0))  # equal seeds
     g1 = groups["m2distill lambda_policy=0.1"]  # pairs (-3 - -5, -4 - -4, -2 - -6) = (2, 0, 4): s = 2
     assert g1["nll_over"] == "held-out demos" and g1["nll_forgetting"][0] == pytest.approx(2.0)
-    assert g1["nll_forgetting"][2] - 2.0 == pytest.approx(4.303 * 2 / 3 ** 0.5)
+    assert g1["nll_forgetting"][2] - 2.0 == pytest.approx(4.3027 * 2 / 3 ** 0.5, rel=1e-4)
     assert g1["nll"][1][0][0] == pytest.approx(-3.0) and g1["nll"][1][1] == pytest.approx((-6.0, -6.0, -6.0))
     lo, hi = aggregate.wilson(7, 10)
     assert (lo, hi) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
@@ -695,6 +697,9 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     out = capsys.readouterr().out
     assert "| er | 3 |" in out and "m2d_s3/results.json: c_kk is its curve's best point" in out
     assert open(tmp_path / "agg.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    shutil.copytree(tmp_path / "er_s2", tmp_path / "er_s2_again")  # the same run twice is not two seeds
+    with pytest.raises(SystemExit, match=r"er_s2/results.json and .*er_s2_again/results.json are runs with the same"):
+        aggregate.aggregate(str(tmp_path / "*"))
 
 
 def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, capsys):
@@ -1885,6 +1890,15 @@ def test_evaluate_refuses_a_suite_other_than_the_checkpoints(tmp_path):
                               types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, path)
     with pytest.raises(SystemExit, match=f"^--suite libero_goal: .* was trained on {SUITE}"):
         evaluate.main(["--checkpoint", path, "--suite", "libero_goal", "--n-eval", "1", "--max-steps", "5"])
+
+
+def test_evaluate_refuses_a_task_given_twice(tmp_path):
+    """Its seeded episodes would run twice and count as 2 x --n-eval episodes of one cell."""
+    path = str(tmp_path / "task0.pt")
+    m2distill.save_checkpoint(model.ResNetT(8, img_size=32), torch.randn(10, 8),
+                              types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, path)
+    with pytest.raises(SystemExit, match="^--tasks 0 1 0: give each task once"):
+        evaluate.main(["--checkpoint", path, "--tasks", "0", "1", "0", "--n-eval", "1", "--max-steps", "5"])
 
 
 def test_a_damaged_progress_file_or_a_swapped_checkpoint_stops_the_resume_with_one_line(suite_dir, tmp_path,
