@@ -219,11 +219,10 @@ def rollout_speed(args):
     env, init_states = make_env(args.suite, 0)
     run_episode(env, timed, embs[0], init_states[0], 5, args.img_size)  # warm-up
     timed.seconds, t0 = 0.0, time.time()
-    for i in range(n_eps):
-        run_episode(env, timed, embs[0], init_states[i], args.max_steps, args.img_size)
+    steps = sum(run_episode(env, timed, embs[0], init_states[i], args.max_steps, args.img_size)[1]  # a success ends
+                for i in range(n_eps))  # early: the steps that ran
     total = time.time() - t0
     env.close()
-    steps = n_eps * args.max_steps
     bare = steps / (total - timed.seconds)
     rows = [("bare simulator (the same episodes, time in get_action removed)", bare),
             (f"policy in this process ({args.img_size} px, {1000 * timed.seconds / steps:.0f} ms per get_action)",
@@ -261,6 +260,8 @@ def main():
     p.add_argument("--max-steps", type=int, default=100, help="e.: policy steps per episode (at most 100)")
     p.add_argument("--only", choices=["a", "b", "c", "d", "e"], help="run one measurement (e. runs only so)")
     args = p.parse_args()
+    if args.steps < 1 and args.only != "c":  # a. and b. would print the median of no steps (nan)
+        p.error("--steps 0 measures loading alone: pass it with --only c (a. and b. time at least one step)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if args.only in (None, "a") and args.libero_dir:
         bench_vs_libero(args)
