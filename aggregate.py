@@ -96,7 +96,8 @@ def episode_intervals(r, draws=4000, seed=0):
     interval. The posterior of 0 of n has mean 1/(2n + 2), so a run with several cells at 0 of n can lie below its
     lower bound (it is not widened to hold it). The spread of one run's episodes, not over seeds."""
     curves, ce, succ, eps = (r.get(k) for k in ("curves", "curve_episodes", "success", "episodes"))
-    if not (curves and ce and eps and r.get("metrics")) or None in sum(curves + succ, []) or len(curves) != len(succ):
+    if (not (curves and ce and eps and r.get("metrics")) or len(curves) != len(succ)
+            or any(row is None or None in row for row in curves + succ + ce + eps)):  # a count or rate not recorded
         return None
     rng = np.random.default_rng(seed)
     beta = lambda p, n: rng.beta(round(p * n) + 0.5, n - round(p * n) + 0.5, draws)  # (draws,)
@@ -179,7 +180,8 @@ def aggregate(pattern, png=None):
         for r in rs:
             for k, row in enumerate(r["success"]):
                 for t, c in enumerate(row):
-                    e = (r.get("episodes") or [[r["run"]["n_eval"]] * len(x) for x in r["success"]])[k][t]
+                    e = ((r.get("episodes") or [None] * len(r["success"]))[k] or [None] * len(row))[t]
+                    e = r["run"]["n_eval"] if e is None else e  # a record from before episode counts
                     succ[k, t] += round(c * e) if c is not None else 0
                     n[k, t] += e if c is not None else 0
         forget = [np.mean([r["nll"][-1][k] - r["nll"][k][k] for k in range(len(r["nll"]) - 1)])

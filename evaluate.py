@@ -374,7 +374,7 @@ def plot_success_matrix(conf_mat, metrics, path, title="", task_ids=None, episod
     c = np.array([list(row) + [None] * (K - len(row)) for row in conf_mat], dtype=float)  # (K, K), None: NaN
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = textwrap.wrap(title, 40) + [f"FWT {fmt(metrics['fwt'])}  NBT {fmt(metrics['nbt'])}  AUC {fmt(metrics['auc'])}"]
-    counts = sorted({n for row in (episodes or []) for n in row})
+    counts = sorted({n for row in (episodes or []) for n in row or [] if n is not None})  # None: not recorded
     if counts:
         lines.append(f"{counts[0]}{'' if len(counts) == 1 else f'-{counts[-1]}'} episodes per cell")
     side = max(3.0, 0.6 * K)  # inches of the matrix; at least room for the title

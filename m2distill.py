@@ -301,6 +301,8 @@ def load_results(args):
                          "edited); move it away (or pass another --out) to start over.") from None
     for k in PER_TASK:  # a record from before these fields (or written on by a checkout without them): not known
         res[k] = (res.get(k) or []) + [None] * (len(res["tasks"]) - len(res.get(k) or []))
+    for k, shape in (("episodes", "success"), ("curve_episodes", "curves")):  # one count per cell or curve point
+        res[k] = [row or (None if like is None else [None] * len(like)) for row, like in zip(res[k], res[shape])]
     res.setdefault("task_emb", None)
     res["run"] = {**ADDED_FLAGS, **res["run"]}
     diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]

@@ -639,6 +639,15 @@ def test_loop_keeps_the_best_checkpoint_and_fills_the_matrix(suite_dir, tmp_path
     assert again["metrics"] == res["metrics"] and again["diagonal_fresh"] == [True, True]
     assert json.load(open(tmp_path / "results.json"))["success"] == again["success"]
     assert "measuring what its record lacks from its checkpoints" in capsys.readouterr().out
+    for key in ("episodes", "curve_episodes"):  # older still: no episode counts either
+        del old[key]
+    json.dump(old, open(tmp_path / "results.json", "w"))
+    fresh = iter([0.35, 0.3])
+    older = m2distill.run(args, evaluate=fake_rollouts)
+    assert older["success"] == [[0.35], [0.4, 0.3]] and older["episodes"] == [[4], [None, 4]]  # c_10's: not known
+    assert older["curve_episodes"] == [[None] * 3] * 2
+    groups = aggregate.aggregate(str(tmp_path / "results.json"))  # counts not known: n_eval assumed, no traceback
+    assert groups["m2distill"]["episodes"][1, 0] == args.n_eval
 
 
 def test_drop_noops_leaves_out_the_steps_that_do_nothing(tmp_path):
