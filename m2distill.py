@@ -34,7 +34,7 @@ PRESETS = {  # flags a preset fills in when they are not given on the command li
     "paper": dict(n_tasks=10, epochs=50, batch_size=32, n_demos=50, val_demos=0, img_size=128, eval_every=5,
                   n_eval=20, max_steps=600),
     # This 2-core CPU (SPEC.md section 10): a small budget that finishes end to end within the hour.
-    # Episodes of 300 steps: twice the scripted expert's mean demo (134-166 steps on LIBERO-Object).
+    # Episodes of 300 steps: twice the scripted expert's mean demo (138-146 steps on LIBERO-Object).
     "cpu": dict(n_tasks=3, epochs=3, batch_size=16, n_demos=6, val_demos=2, img_size=32, eval_every=3,
                 n_eval=2, max_steps=300),
     # The smallest budget measured to learn on this CPU (README, "Budget 3"): LIBERO-Goal task 8, 20 scripted
