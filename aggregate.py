@@ -14,7 +14,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from evaluate import draw_matrix, lifelong_metrics, write_png
-from m2distill import ADDED_FLAGS
+from m2distill import record_flags
 
 
 def mean_ci(xs):
@@ -45,7 +45,7 @@ def read_results(path):
     except (OSError, ValueError, AssertionError, KeyError, TypeError):
         raise SystemExit(f"--aggregate: {path} is not a results.json of m2distill.py (cut off, edited or another "
                          "file); move it out of the glob or give a narrower one.") from None
-    res["run"] = {**ADDED_FLAGS, **res["run"]}  # a record from before a flag ran with its default
+    res["run"] = record_flags(res["run"])  # a record from before a flag ran with its default
     return res
 
 

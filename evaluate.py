@@ -396,7 +396,7 @@ def load_policy(path):
 
 
 def cli(main):
-    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError) prints as short lines, no
+    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError, a loss gone NaN) prints as short lines, no
     traceback, exit status 1; Ctrl-C: one line, exit status 130 (the Evaluator ends the workers; work done stays)."""
     try:
         main()
@@ -404,7 +404,7 @@ def cli(main):
         print("\nInterrupted (Ctrl-C). Work finished before stays on disk; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)
-    except (SystemExit, EnvError) as e:
+    except (SystemExit, EnvError, FloatingPointError) as e:  # FloatingPointError: a loss gone NaN (m2distill.py)
         msg = e.code if isinstance(e, SystemExit) else str(e)
         if not isinstance(msg, str):
             raise

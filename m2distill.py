@@ -265,8 +265,17 @@ RUN_FLAGS = ("suite", "algo", "tasks", "epochs", "batch_size", "seed", "lr", "n_
              "seq_len", "eval_every", "n_eval", "max_steps", "n_memories", "replay", "lambda_image", "lambda_text",
              "lambda_extra", "lambda_policy", "kl_samples", "kl_direction", "kl_timesteps", "task_emb", "grad_clip",
              "init_from", "drop_noops", "low_eval_noise", "distill_on")
-# Flags added after records were written, with the value those records ran with (load_results, aggregate.py).
-ADDED_FLAGS = {"distill_on": "all"}
+# Flags added after records were written, with the value those records ran with (record_flags).
+ADDED_FLAGS = {"distill_on": "all", "drop_noops": False, "low_eval_noise": False, "init_from": None}
+
+
+def record_flags(run):
+    """A record's flags (its results.json "run", or progress.pt's) as this version names them: a flag added since
+    with the value the record ran with (ADDED_FLAGS), and tasks 0..n_tasks-1 for a record from before --tasks."""
+    run = {**ADDED_FLAGS, **run}
+    if "n_tasks" in run:
+        run.setdefault("tasks", list(range(run.pop("n_tasks"))))
+    return run
 
 
 # results.json lists, one entry per task
@@ -304,7 +313,7 @@ def load_results(args):
     for k, shape in (("episodes", "success"), ("curve_episodes", "curves")):  # one count per cell or curve point
         res[k] = [row or (None if like is None else [None] * len(like)) for row, like in zip(res[k], res[shape])]
     res.setdefault("task_emb", None)
-    res["run"] = {**ADDED_FLAGS, **res["run"]}
+    res["run"] = record_flags(res["run"])
     diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
     if diff:
         raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
@@ -318,8 +327,11 @@ def first_task_from(args, res):
     src = args.first_task_from
     try:
         other = json.load(open(os.path.join(src, "results.json")))
-    except (OSError, ValueError):
-        raise SystemExit(f"--first-task-from {src}: no readable results.json there; pass a run folder.") from None
+        other["run"] = record_flags(other["run"])  # not a dict with a "run" dict: KeyError or TypeError
+        assert isinstance(other["tasks"], list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise SystemExit(f"--first-task-from {src}: no readable results.json of m2distill.py there; pass a run "
+                         "folder.") from None
     diff = [k for k in RUN_FLAGS if k not in LATER_FLAGS and k != "tasks" and other["run"].get(k) != getattr(args, k)]
     if other["run"].get("tasks", [None])[:1] != args.tasks[:1]:
         diff.append("tasks (the first one)")
@@ -404,7 +416,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
                              "first epoch (the finished tasks are kept).") from None
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
             other = [f for f in RUN_FLAGS if "run" in saved and (j or f not in LATER_FLAGS)  # no "run": from before it
-                     and {**ADDED_FLAGS, **saved["run"]}.get(f) != res["run"][f]]  # task 0 ignores LATER_FLAGS
+                     and record_flags(saved["run"]).get(f) != res["run"][f]]  # task 0 ignores LATER_FLAGS
             if other:
                 raise SystemExit(f"{progress} is task {k} of a run with other flags ({', '.join(other)}); pass another "
                                  f"--out, or delete it to learn task {k} again with these flags.")
@@ -473,6 +485,10 @@ def run(args, evaluate=None):
         raise SystemExit(f"--out {args.out} was trained with task embedding {res['task_emb']}, this run computes "
                          f"{task_emb}; pass another --out to start a run with it.")
     res["task_emb"] = task_emb
+    policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
+    if args.init_from and not res["tasks"]:  # before task 0 (and before any demo is collected); a resumed run
+        with rollouts.exits("--init-from "):  # restores its own weights
+            init_from(policy, args.init_from)
     check_data(args, bench)
     t0 = time.time()
     ensure_data(args, bench)
@@ -488,12 +504,8 @@ def run(args, evaluate=None):
               + ", ".join(res["tasks"]) + ("; resuming with the next one." if not finished else
                                            "; measuring what its record lacks from its checkpoints." if lacks else
                                            "; nothing left to do."), flush=True)
-    policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     if finished and not lacks:
         return res
-    if args.init_from and not res["tasks"]:  # before task 0; a resumed run restores its own weights
-        with rollouts.exits("--init-from "):
-            init_from(policy, args.init_from)
     if evaluate is None and args.n_eval > 0:  # rollouts in the simulator, workers kept for the whole run
         with rollouts.Evaluator(args.suite, args.n_eval, args.max_steps, args.eval_workers, os.path.join(
                 args.out, "videos") if args.videos else None, seed=args.seed, low_eval_noise=args.low_eval_noise) as ev:
@@ -650,7 +662,8 @@ def parse_args(argv=None):
     if args.algo == "m2distill" and args.distill_on == "past" and (args.replay == "off" or args.n_memories == 0):
         p.error("--distill-on past distils on the replayed samples: it needs --replay on and --n-memories > 0")
     if args.init_from and not os.path.isfile(args.init_from):
-        raise SystemExit(f"--init-from {args.init_from}: no such file; pass LIBERO's checkpoint or a task<k>.pt of ours.")
+        raise SystemExit(f"--init-from {args.init_from}: " + ("a directory" if os.path.isdir(args.init_from) else
+                         "no such file") + "; pass LIBERO's checkpoint file or a task<k>.pt of ours.")
     return args
 
 

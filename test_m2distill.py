@@ -528,6 +528,11 @@ def test_every_algorithm_shares_the_first_task_and_can_start_from_anothers(suite
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="other flags"):
         m2distill.run(tiny_args(suite_dir, tmp_path / "m2d_e2", epochs=2, first_task_from=src))
+    for text in ("{}", "[]", '{"run": 3}', '{"run": {}}'):  # a results.json, but not a record of ours: one line
+        (tmp_path / "odd").mkdir(exist_ok=True)
+        (tmp_path / "odd" / "results.json").write_text(text)
+        msg = one_line_exit(lambda: m2distill.run(tiny_args(suite_dir, tmp_path / "m2d_odd", first_task_from=tmp_path / "odd")))
+        assert msg.startswith(f"--first-task-from {tmp_path / 'odd'}: no readable results.json of m2distill.py")
 
 
 def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_path):
@@ -1214,6 +1219,48 @@ def test_the_readme_flags_table_lists_exactly_the_flags_of_m2distill(capsys):
     rows = {f for line in table.splitlines() if line.startswith("| `--")
             for f in re.findall(r"`(--[a-z][a-z-]*)`", line.split(" | ")[0])}
     assert rows == parser, (sorted(parser - rows), sorted(rows - parser))
+
+def test_a_bad_init_from_stops_before_any_demo_is_collected(tmp_path, monkeypatch):
+    """--init-from is read before the missing task files are collected (tens of minutes in the simulator)."""
+    garbage(tmp_path / "w.pt")
+    (tmp_path / "adir").mkdir()
+    monkeypatch.setattr(expert, "collect", lambda *a, **k: pytest.fail("demos were collected before --init-from"))
+    msg = one_line_exit(lambda: m2distill.run(tiny_args(str(tmp_path / "empty"), tmp_path / "out",
+                                                        init_from=tmp_path / "w.pt")))
+    assert msg.startswith(f"--init-from {tmp_path / 'w.pt'} is not a torch checkpoint")
+    msg = one_line_exit(lambda: tiny_args(str(tmp_path / "empty"), tmp_path / "out", init_from=tmp_path / "adir"))
+    assert msg.startswith(f"--init-from {tmp_path / 'adir'}: a directory")
+
+
+def test_a_loss_gone_nan_stops_with_one_line(suite_dir, tmp_path, capsys):
+    """FloatingPointError (train_step) is a user-facing error: one line through evaluate.cli, exit status 1."""
+    argv = ["--suite", SUITE, "--data-dir", suite_dir, "--out", str(tmp_path), "--n-tasks", "1", "--epochs", "1",
+            "--n-demos", "2", "--val-demos", "1", "--img-size", "32", "--n-eval", "0", "--task-emb", "hash",
+            "--lr", "1e30"]
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(lambda: m2distill.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and "lower --lr" in err
+
+
+def test_a_record_from_before_a_flag_reads_with_the_value_it_ran_with(finished_run, suite_dir, tmp_path):
+    """Records from before --tasks (n_tasks only), --drop-noops, --low-eval-noise, --init-from and --distill-on:
+    resumed with the same flags, and aggregated beside new ones without labels for flags they never had."""
+    shutil.copytree(finished_run, tmp_path / "new")
+    out = tmp_path / "old"
+    shutil.copytree(finished_run, out)
+    rec = json.load(open(out / "results.json"))
+    for k in ("tasks", "drop_noops", "low_eval_noise", "init_from", "distill_on"):
+        del rec["run"][k]
+    rec["run"]["n_tasks"] = len(rec["tasks"])
+    json.dump(rec, open(out / "results.json", "w"))
+    again = m2distill.run(tiny_args(suite_dir, out, "sequential"))  # the same flags: nothing left to do
+    assert again["run"]["tasks"] == [0, 1] and "n_tasks" not in again["run"]
+    rec["run"]["seed"] = 1  # another seed of the same flags
+    json.dump(rec, open(out / "results.json", "w"))
+    groups = aggregate.aggregate(str(tmp_path / "*"))
+    assert list(groups) == ["sequential"] and sorted(groups["sequential"]["seeds"]) == [1, 10000]  # no label it never had
+
 
 def garbage(path):
     with open(path, "wb") as f:
