@@ -176,8 +176,14 @@ def bench_memory(args):
 
 
 def time_split(path):
-    res = json.load(open(path))
-    s = res["seconds"]
+    path = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    try:
+        res = json.load(open(path))
+        s = res["seconds"]
+        assert isinstance(s, dict) and isinstance(res["tasks"], list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise SystemExit(f"--results {path}: not a results.json of m2distill.py with its seconds; pass a run folder "
+                         "or its results.json.") from None
     total = sum(s.values())
     copied = f"; task 0 copied from {res['first_task_from']}, its time not counted" if res.get("first_task_from") else ""
     print(f"\n## d. time of the run in {path} ({len(res['tasks'])} tasks{copied}; start-up not counted)")
@@ -260,6 +266,8 @@ def main():
     p.add_argument("--max-steps", type=int, default=100, help="e.: policy steps per episode (at most 100)")
     p.add_argument("--only", choices=["a", "b", "c", "d", "e"], help="run one measurement (e. runs only so)")
     args = p.parse_args()
+    if args.only == "d" and not args.results:
+        p.error("d. splits a run's time: pass --results runs/<run> (or its results.json)")
     if args.steps < 1 and args.only != "c":  # a. and b. would print the median of no steps (nan)
         p.error("--steps 0 measures loading alone: pass it with --only c (a. and b. time at least one step)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")

@@ -3,7 +3,7 @@
     python evaluate.py --checkpoint runs/libero_object_m2distill_s10000/task2.pt --suite libero_object
     python evaluate.py --aggregate 'runs/*' --png table.png      # the paper-style table of many runs (aggregate.py)
 
-An episode follows LIBERO's protocol (SPEC.md section 5): `env.reset()`, `env.set_init_state` with one of the
+An episode follows LIBERO's protocol (libero/lifelong/metric.py, evaluate_one_task_success): `env.reset()`, `env.set_init_state` with one of the
 task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the policy acts, its latent
 queue reset, until the env says `done` (success) or `max_steps`. Episodes run in `spawn` worker processes, each
 with its own policy (one thread, batch norms folded: ~33 ms at batch 1 and 128 px against ~170 ms of simulation
@@ -455,10 +455,14 @@ def main(argv=None):
     p.add_argument("--aggregate", metavar="GLOB", help="print the paper-style table of these runs (e.g. 'runs/*')")
     p.add_argument("--png", help="--aggregate: also draw the metrics and mean matrices here")
     args = p.parse_args(argv)
+    if args.png and os.path.isdir(args.png):
+        raise SystemExit(f"--png {args.png} is a folder; pass a file name, e.g. {os.path.join(args.png, 'table.png')}.")
     if args.aggregate:  # many runs' table: aggregate.py (nothing in a run needs it)
         return __import__("aggregate").aggregate(args.aggregate, args.png)
     if not args.checkpoint:
         p.error("--checkpoint is required (or --aggregate)")
+    if args.video_dir and os.path.exists(args.video_dir) and not os.path.isdir(args.video_dir):
+        raise SystemExit(f"--video-dir {args.video_dir} is a file; pass a folder for the MP4s.")
     check_flags(args, {"n_eval": (1, None), "max_steps": (1, None), "eval_workers": (1, None), "seed": (0, 2**32 - 1)})
     with exits("--checkpoint "):
         policy, embs, suite, learned = load_policy(args.checkpoint)

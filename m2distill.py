@@ -11,7 +11,7 @@ while learning task k+1 M2Distill keeps pi_theta close to pi_old through four te
     L = L_BC + l_img L_image + l_text L_text + l_extra L_extra + l_pol L_policy
 
 Sequential trains on L_BC alone; ER adds replayed past sequences to every batch; M2Distill is ER
-plus the four distillation terms (SPEC.md sections 3-5)."""
+plus the four distillation terms (README, "The paper, equation by equation")."""
 import argparse
 import copy
 import json
@@ -474,9 +474,11 @@ def run(args, evaluate=None):
     np.random.seed(args.seed)
     bench = data.suite_benchmark(args.suite)
     n = bench.get_num_tasks()
-    if not all(0 <= k < n for k in args.tasks) or len(set(args.tasks)) < len(args.tasks):
-        raise SystemExit(f"--tasks {' '.join(map(str, args.tasks))}: {args.suite} has tasks 0..{n - 1}; "
-                         "give each at most once (or --n-tasks N for tasks 0..N-1).")
+    bad, twice = [k for k in args.tasks if not 0 <= k < n], sorted({k for k in args.tasks if args.tasks.count(k) > 1})
+    if bad or twice:
+        raise SystemExit(f"--tasks {' '.join(map(str, args.tasks))} (or --n-tasks {len(args.tasks)}): {args.suite} has "
+                         f"tasks 0..{n - 1}" + (f", not {bad}" if bad else "") + (f"; {twice} given twice" if twice
+                                                                                  else "") + ": give each at most once.")
     res = load_results(args)  # --out and the flags against it, then the data: all before collecting or training
     languages = [bench.get_task(i).language for i in range(n)]  # from LIBERO, not the files
     task_embs, kind = data.task_embeddings(languages, args.task_emb, cache_dir=data.user_cache_dir())

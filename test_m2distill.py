@@ -430,8 +430,8 @@ def test_tasks_are_learned_in_the_given_order(suite_dir, tmp_path):
     assert [len(r) for r in res["success"]] == [1, 2] and res["run"]["tasks"] == [1, 0]
     _, _, _, learned = evaluate.load_policy(str(tmp_path / "task0.pt"))
     assert learned == [1]  # the first checkpoint has learned LIBERO task 1 only
-    with pytest.raises(SystemExit, match="--tasks"):
-        m2distill.run(tiny_args(suite_dir, tmp_path / "bad", tasks=[1, 1]))
+    msg = one_line_exit(lambda: m2distill.run(tiny_args(suite_dir, tmp_path / "bad", tasks=[1, 1, 99])))
+    assert msg.startswith("--tasks 1 1 99 (or --n-tasks 3)") and "not [99]" in msg and "[1] given twice" in msg
 
 
 def test_a_run_killed_mid_task_resumes_and_ends_as_an_uninterrupted_one(suite_dir, tmp_path, monkeypatch):
@@ -1946,6 +1946,24 @@ def test_evaluate_refuses_a_suite_other_than_the_checkpoints(tmp_path):
                               types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, path)
     with pytest.raises(SystemExit, match=f"^--suite libero_goal: .* was trained on {SUITE}"):
         evaluate.main(["--checkpoint", path, "--suite", "libero_goal", "--n-eval", "1", "--max-steps", "5"])
+
+
+def test_evaluate_refuses_a_png_that_is_a_folder_and_a_video_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    msg = one_line_exit(lambda: evaluate.main(["--aggregate", "results/cmp_*.json", "--png", str(tmp_path)]))
+    assert msg.startswith(f"--png {tmp_path} is a folder") and not list(tmp_path.parent.glob("*.tmp.png"))
+    msg = one_line_exit(lambda: evaluate.main(["--checkpoint", str(tmp_path / "t.pt"), "--video-dir", str(tmp_path / "f")]))
+    assert msg.startswith(f"--video-dir {tmp_path / 'f'} is a file")
+
+
+def test_bench_time_split_takes_a_run_folder_and_names_a_file_that_is_not_a_record(finished_run, tmp_path, capsys):
+    import bench
+    bench.time_split(str(finished_run))  # a run folder, as the README's runs/<run>
+    assert "| sum of the parts |" in capsys.readouterr().out
+    (tmp_path / "x.json").write_text("{}")
+    for bad in (tmp_path, tmp_path / "x.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit, match=f"^--results {bad}.*: not a results.json of m2distill.py"):
+            bench.time_split(str(bad))
 
 
 def test_evaluate_refuses_a_task_given_twice(tmp_path):
