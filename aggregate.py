@@ -172,7 +172,8 @@ def aggregate(pattern, png=None):
             raise SystemExit(f"--aggregate: {twin} and {p} are runs with the same flags and seed "
                              f"({r['run']['seed']}), which would count as two seeds; keep one of them in the glob.")
         groups.setdefault(label, []).append(r)
-    rows, out = ["| runs | seeds | FWT | NBT | AUC | NLL forgetting (nats) |", "|---|---|---|---|---|---|"], {}
+    rows, out = ["| runs | seeds | FWT (higher: better) | NBT (lower: better) | AUC (higher: better) | NLL forgetting "
+                 "(nats, lower: better) |", "|---|---|---|---|---|---|"], {}
     fmt = lambda m, lo, hi: "n/a" if m is None else f"{m:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
     for label, rs in groups.items():
         K = max(len(r["success"]) for r in rs)
@@ -204,10 +205,11 @@ def aggregate(pattern, png=None):
     if any(g["metrics_over"] == "episodes" for g in out.values()):
         print("(FWT, NBT, AUC: 95% t-interval over seeds; for one seed, the 95% credible interval of its episodes: "
               "every measured success rate drawn from its Jeffreys posterior Beta(s+1/2, n-s+1/2), through the "
-              "metrics; with several cells at 0 of 10 it can sit above the run's value)")
+              "metrics; with several cells at 0 of n it can sit above the run's value)")
     for label, g in out.items():  # the NLL matrices, with the interval each is over
         if g["nll"]:
-            print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task; "
+            print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task, column: "
+                  "the task evaluated, in the same order; "
                   + (f"95% t-interval over {g['nll_over']}):" if g["nll_over"] else "no interval: one run "
                      "recorded without nll_demos; rerun its command to add them):"))
             for k, row in enumerate(g["nll"]):
