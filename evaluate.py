@@ -432,12 +432,12 @@ def check_flags(args, ranges, positive=()):
 
 
 @contextlib.contextmanager
-def exits(prefix=""):
-    """The one-line FileNotFoundError/ValueError of a check (data.py, model.py) -> SystemExit(prefix + it)."""
+def exits(prefix="", suffix=""):
+    """The one-line FileNotFoundError/ValueError of a check (data.py, model.py) -> SystemExit(prefix + it + suffix)."""
     try:
         yield
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(prefix + str(e)) from None
+        raise SystemExit(prefix + str(e) + suffix) from None
 
 
 def main(argv=None):

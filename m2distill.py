@@ -489,7 +489,8 @@ def run(args, evaluate=None):
     res["task_emb"] = task_emb
     policy = ResNetT(d_lang=task_embs.shape[1], img_size=args.img_size, seq_len=args.seq_len).to(args.device)
     if args.init_from and not res["tasks"]:  # before task 0 (and before any demo is collected); a resumed run
-        with rollouts.exits("--init-from "):  # restores its own weights
+        with rollouts.exits("--init-from ", "" if kind == args.task_emb else f" (--task-emb {args.task_emb} fell back "
+                            f"to {kind}, as said above: {args.task_emb} is not on disk)"):  # restores its own weights
             init_from(policy, args.init_from)
     check_data(args, bench)
     t0 = time.time()

@@ -1538,6 +1538,12 @@ def test_init_from_a_libero_checkpoint_or_one_of_ours(libero, suite_dir, tmp_pat
     monkeypatch.setattr(m2distill, "learn_task", learn_task)
     with pytest.raises(SystemExit, match="^--init-from .*768-d task embeddings, this run's are 32-d"):
         m2distill.run(tiny_args(suite_dir, tmp_path / "a", init_from=path))
+    fallback = lambda langs, kind, cache_dir=None: (torch.randn(len(langs), 384), "minilm")  # BERT not on disk
+    monkeypatch.setattr(data, "task_embeddings", fallback)
+    with pytest.raises(SystemExit, match="this run's are 384-d.*--task-emb bert fell back to minilm, as said above"):
+        m2distill.run(tiny_args(suite_dir, tmp_path / "a2", init_from=path, task_emb="bert"))
+    monkeypatch.undo()
+    monkeypatch.setattr(m2distill, "learn_task", learn_task)
     small = str(tmp_path / "small.pt")
     m2distill.save_checkpoint(model.ResNetT(32, img_size=32), torch.randn(10, 32),
                               types.SimpleNamespace(suite=SUITE, algo="er", tasks=[0]), 0, small)
