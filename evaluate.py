@@ -3,9 +3,9 @@
     python evaluate.py --checkpoint runs/libero_object_m2distill_s10000/task2.pt --suite libero_object
     python evaluate.py --aggregate 'runs/*' --png table.png      # the paper-style table of many runs (aggregate.py)
 
-An episode follows LIBERO's protocol (libero/lifelong/metric.py, evaluate_one_task_success): `env.reset()`, `env.set_init_state` with one of the
-task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions, then the policy acts, its latent
-queue reset, until the env says `done` (success) or `max_steps`. Episodes run in `spawn` worker processes, each
+An episode follows LIBERO's protocol (libero/lifelong/metric.py, evaluate_one_task_success): `env.reset()`,
+`env.set_init_state` with one of the task's 50 fixed init states (episode i takes state i mod 50), 5 zero actions,
+then the policy acts, its latent queue reset, until the env says `done` (success) or `max_steps`. Episodes run in `spawn` worker processes, each
 with its own policy (one thread, batch norms folded: ~33 ms at batch 1 and 128 px against ~170 ms of simulation
 and rendering per step) and one env, kept until the task changes; a broken simulator stops them (Evaluator)."""
 import argparse
@@ -396,8 +396,9 @@ def load_policy(path):
 
 
 def cli(main):
-    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError, a loss gone NaN) prints as short lines, no
-    traceback, exit status 1; Ctrl-C: one line, exit status 130 (the Evaluator ends the workers; work done stays)."""
+    """Run a command's main(): a user-facing error (SystemExit with a message, EnvError, a loss gone NaN) prints as
+    short lines, no traceback, exit status 1; Ctrl-C: one line, exit status 130 (the Evaluator ends the workers; work
+    done stays)."""
     try:
         main()
     except KeyboardInterrupt:

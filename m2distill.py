@@ -173,8 +173,9 @@ def train_step(policy, old, batch, opt, args, fit=None):
     if fit is not None:
         fit += gripper_wrong_weight(out, batch["actions"])
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} (unweighted terms: { {k: round(v.item(), 3) for k, v in terms.items()} }); "
-                                 "lower --lr or check the demonstration file for NaN/inf values.")
+        raise FloatingPointError(f"loss is {loss.item()} (unweighted terms: "
+                                 f"{ {k: round(v.item(), 3) for k, v in terms.items()} }); lower --lr or check the "
+                                 "demonstration file for NaN/inf values.")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
