@@ -24,6 +24,7 @@ from multiprocessing.connection import wait
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 from data import CAMERAS, N_SETTLE
@@ -254,6 +255,8 @@ class Evaluator:
                 self.conns[i].send(self.policy_msg)
         todo = [(t, ep, 0) for t in task_ids for ep in range(self.n_eval)]  # (task, episode, tries so far)
         busy, wins, ran, streak = {}, {t: 0 for t in task_ids}, {t: 0 for t in task_ids}, 0
+        bar = tqdm(total=len(todo), desc=f"rollouts of task {' '.join(map(str, task_ids))}", unit="episode",
+                   leave=False, dynamic_ncols=True, disable=None)  # on a terminal only: logs get the results
         try:
             while todo or busy:
                 for i in [i for i in range(self.n_workers) if i not in busy][:len(todo)]:
@@ -276,6 +279,8 @@ class Evaluator:
                     if problem is None:
                         wins[task], ran[task], streak = wins[task] + reply[2], ran[task] + 1, 0
                         self.episodes.append(reply[:5])
+                        bar.update()
+                        bar.set_postfix(successes=sum(wins.values()))
                         continue
                     msg = f"task {task} episode {ep}: {problem.strip().splitlines()[-1]}"
                     self.errors.append(msg)
@@ -287,10 +292,12 @@ class Evaluator:
                         raise EnvError(f"Rollouts stopped: {streak} tries in a row could not run, so the simulator "
                                        f"or the machine is failing, not the policy (last: {msg}). No success rate of "
                                        "this evaluation was recorded; finished work stays on disk.")
-                    print(f"[evaluate] {msg}; " + ("retrying it in a fresh env" if tries == 0 else
-                                                   "it could not run twice: left out of its cell"), flush=True)
+                    tqdm.write(f"[evaluate] {msg}; " + ("retrying it in a fresh env" if tries == 0 else
+                                                        "it could not run twice: left out of its cell"))
                     if tries == 0:
                         todo.insert(0, (task, ep, 1))
+                    else:
+                        bar.update()
             empty = [t for t in task_ids if ran[t] == 0]
             if empty:
                 raise EnvError(f"Rollouts stopped: no episode of task(s) {empty} could run (last problem: "
@@ -299,6 +306,8 @@ class Evaluator:
             for i in busy:
                 self._kill(i)
             raise
+        finally:
+            bar.close()
         self.calls += 1  # numbers the videos of each evaluation
         return {t: (wins[t] / ran[t], ran[t]) for t in task_ids}
 
