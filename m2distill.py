@@ -279,6 +279,11 @@ def record_flags(run):
     return run
 
 
+def differ(theirs, ours, keys):
+    """'flag value there, value here' for each flag of `keys` whose value differs between two runs' flags (dicts)."""
+    return "; ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in keys if theirs.get(k) != ours[k])
+
+
 # results.json lists, one entry per task
 PER_TASK = ("tasks", "task_ids", "success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "nll_demos",
             "demos", "gripper_fit", "diagonal_fresh")
@@ -315,9 +320,9 @@ def load_results(args):
         res[k] = [row or (None if like is None else [None] * len(like)) for row, like in zip(res[k], res[shape])]
     res.setdefault("task_emb", None)
     res["run"] = record_flags(res["run"])
-    diff = [k for k in RUN_FLAGS if res["run"].get(k) != run[k]]
+    diff = differ(res["run"], run, RUN_FLAGS)
     if diff:
-        raise SystemExit(f"--out {args.out} holds a run with other flags ({', '.join(diff)}); "
+        raise SystemExit(f"--out {args.out} holds a run with other flags ({diff}); "
                          "pass another --out, or delete that folder to start over.")
     return res
 
@@ -333,11 +338,10 @@ def first_task_from(args, res):
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise SystemExit(f"--first-task-from {src}: no readable results.json of m2distill.py there; pass a run "
                          "folder.") from None
-    diff = [k for k in RUN_FLAGS if k not in LATER_FLAGS and k != "tasks" and other["run"].get(k) != getattr(args, k)]
-    if other["run"].get("tasks", [None])[:1] != args.tasks[:1]:
-        diff.append("tasks (the first one)")
+    diff = differ({**other["run"], "tasks": other["run"]["tasks"][:1]}, {**vars(args), "tasks": args.tasks[:1]},
+                  [k for k in RUN_FLAGS if k not in LATER_FLAGS])  # tasks: the first one
     if diff or not other["tasks"]:
-        raise SystemExit(f"--first-task-from {src}: " + (f"that run has other flags ({', '.join(diff)})" if diff
+        raise SystemExit(f"--first-task-from {src}: " + (f"that run has other flags ({diff})" if diff
                          else "that run has not finished its first task") + "; train the first task here instead.")
     with rollouts.exits(f"--first-task-from {src}: "):
         ckpt = read_checkpoint(os.path.join(src, "task0.pt"), fix="train the first task here instead")
@@ -416,10 +420,10 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
             raise SystemExit(f"{progress} is damaged ({type(e).__name__}); delete it to learn task {k} again from its "
                              "first epoch (the finished tasks are kept).") from None
         if saved["task"] == j:  # killed in the middle of this task: pick up after its last finished epoch
-            other = [f for f in RUN_FLAGS if "run" in saved and (j or f not in LATER_FLAGS)  # no "run": from before it
-                     and record_flags(saved["run"]).get(f) != res["run"][f]]  # task 0 ignores LATER_FLAGS
+            other = "run" in saved and differ(record_flags(saved["run"]), res["run"],  # no "run": from before it
+                                              [f for f in RUN_FLAGS if j or f not in LATER_FLAGS])  # task 0: not LATER
             if other:
-                raise SystemExit(f"{progress} is task {k} of a run with other flags ({', '.join(other)}); pass another "
+                raise SystemExit(f"{progress} is task {k} of a run with other flags ({other}); pass another "
                                  f"--out, or delete it to learn task {k} again with these flags.")
             for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
                 obj.load_state_dict(saved[name])

@@ -1305,7 +1305,7 @@ def results_json(text):
     (results_json('{"run": {"suite": "libero_object"}, "tasks": ["a"'), r"^--out \S+: \S+results.json is not a results"),
     (results_json("{}"), r"^--out \S+: \S+results.json is not a results record"),
     (results_json("[1, 2]"), r"^--out \S+: \S+results.json is not a results record"),
-    ("other_flags", r"^--out \S+ holds a run with other flags \(lambda_text\); pass another --out"),
+    ("other_flags", r"^--out \S+ holds a run with other flags \(lambda_text 1.0 there, 0.5 here\); pass another --out"),
 ])
 def test_bad_files_and_out_are_refused_before_any_collection_or_training(tmp_path, monkeypatch, fault, expected):
     """Task 1's file and --out are checked before task 0 trains and before task 1 would be collected."""
@@ -2007,7 +2007,7 @@ def test_a_progress_file_of_a_run_with_other_flags_stops_the_resume(suite_dir, t
     killed_at_step(monkeypatch, 5, lambda: m2distill.run(args(lambda_policy=0.1)))  # task 1, 2 x 3 steps: epoch 2
     assert not os.path.exists(tmp_path / "m2d" / "results.json")
     progress = tmp_path / "m2d" / "progress.pt"
-    with pytest.raises(SystemExit, match=f"^{progress} is task 1 of a run with other flags \\(lambda_policy\\)"):
+    with pytest.raises(SystemExit, match=f"^{progress} is task 1 of a run with other flags \\(lambda_policy \\S+ there, \\S+ here\\)"):
         m2distill.run(args(lambda_policy=1.0))
     assert os.path.exists(progress)  # nothing lost
     assert len(m2distill.run(args(lambda_policy=0.1))["tasks"]) == 2  # the same flags resume
@@ -2019,7 +2019,7 @@ def test_a_first_task_progress_file_resumes_under_another_algorithm_but_not_othe
     a run killed in task 0 resumes under another --algo or lambdas, but not under another --lr."""
     args = lambda algo, **kw: tiny_args(suite_dir, tmp_path, algo, epochs=2, tasks=[0], **kw)
     killed_at_step(monkeypatch, 6, lambda: m2distill.run(args("sequential")))  # task 0, 2 x 4 steps: epoch 2
-    with pytest.raises(SystemExit, match=f"^{tmp_path / 'progress.pt'} is task 0 of a run with other flags \\(lr\\)"):
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'progress.pt'} is task 0 of a run with other flags \\(lr \\S+ there, \\S+ here\\)"):
         m2distill.run(args("m2distill", lr=3e-4))
     capsys.readouterr()
     res = m2distill.run(args("m2distill", lambda_policy=0.1))
