@@ -411,6 +411,7 @@ def cli(main):
     try:
         main()
     except KeyboardInterrupt:
+        sys.unraisablehook = lambda *_: None  # the simulator's renderers, freed with the interrupted frames, raise
         print("\nInterrupted (Ctrl-C). Work finished before stays on disk; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)

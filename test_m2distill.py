@@ -1972,6 +1972,20 @@ def test_bench_time_split_takes_a_run_folder_and_names_a_file_that_is_not_a_reco
             bench.time_split(str(bad))
 
 
+def test_ctrl_c_prints_one_line_even_when_freed_objects_raise():
+    """Ctrl-C in demo collection frees the simulator's renderers with the interrupted frames, and their destructors
+    raise (EGL): the one line is all the user sees."""
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import evaluate\n"
+            "class Renderer:\n    def __del__(self): raise RuntimeError('EGL context already gone')\n"
+            "def main():\n    r = Renderer()\n    raise KeyboardInterrupt\n"
+            "evaluate.cli(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines() == [
+        "Interrupted (Ctrl-C). Work finished before stays on disk; rerun the same command to resume."], proc.stderr
+
+
 def test_evaluate_refuses_a_task_given_twice(tmp_path):
     """Its seeded episodes would run twice and count as 2 x --n-eval episodes of one cell."""
     path = str(tmp_path / "task0.pt")
