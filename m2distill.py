@@ -677,7 +677,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    res = run(args)
+    made = not os.path.exists(args.out)
+    try:
+        res = run(args)
+    except BaseException:  # stopped before it wrote anything (bad input): no empty --out left behind
+        if made and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
     print(json.dumps({k: res.get(k) for k in ("success", "fwt_k", "nll", "metrics")}))
     png = os.path.join(args.out, "success.png")
     print(f"Results: {os.path.join(args.out, 'results.json')}; checkpoints: {os.path.join(args.out, 'task<k>.pt')}"

@@ -1972,6 +1972,14 @@ def test_bench_time_split_takes_a_run_folder_and_names_a_file_that_is_not_a_reco
             bench.time_split(str(bad))
 
 
+def test_a_run_stopped_by_bad_input_leaves_no_empty_out_folder(suite_dir, tmp_path):
+    (tmp_path / "data").write_text("a file, not a folder")
+    argv = ["--suite", SUITE, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--n-tasks", "1",
+            "--task-emb", "hash", "--n-eval", "0"]
+    assert one_line_exit(lambda: m2distill.main(argv)).startswith(f"--data-dir {tmp_path / 'data'} is a file")
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_prints_one_line_even_when_freed_objects_raise():
     """Ctrl-C in demo collection frees the simulator's renderers with the interrupted frames, and their destructors
     raise (EGL): the one line is all the user sees."""
