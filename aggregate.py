@@ -17,15 +17,17 @@ from evaluate import draw_matrix, lifelong_metrics, write_png
 from m2distill import record_flags
 
 
-def mean_ci(xs):
+def mean_ci(xs, bounds=(-np.inf, np.inf)):
     """Mean and 95% Student-t interval over seeds, (mean, lo, hi); None values are left out; n = 1 gives
-    no interval (lo = hi = None); the t quantile of n - 1 degrees of freedom at any n (scipy)."""
+    no interval (lo = hi = None); the t quantile of n - 1 degrees of freedom at any n (scipy). The interval is cut
+    to `bounds`, the range the quantity can take (FWT and AUC [0, 1], NBT [-1, 1]): a rate's t-interval over few
+    seeds can reach past it."""
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return (float(xs[0]) if xs else None), None, None
     m = float(np.mean(xs))
     h = float(student_t.ppf(0.975, len(xs) - 1)) * float(np.std(xs, ddof=1)) / np.sqrt(len(xs))
-    return m, m - h, m + h
+    return m, max(m - h, bounds[0]), min(m + h, bounds[1])
 
 
 def wilson(successes, n, z=1.96):
@@ -93,8 +95,10 @@ def episode_intervals(r, draws=4000, seed=0):
     best checkpoint (the last maximum of the curve, as learn_task chose it), and c_{k,k} is drawn from its own cell
     (diagonal_fresh: other episodes) or, in a record from before, is that curve point; evaluate.lifelong_metrics
     turns each of `draws` draws into FWT, NBT, AUC, and lo, hi are their 2.5 and 97.5% quantiles: a 95% credible
-    interval. The posterior of 0 of n has mean 1/(2n + 2), so a run with several cells at 0 of n can lie below its
-    lower bound (it is not widened to hold it). The spread of one run's episodes, not over seeds."""
+    interval. The posterior of 0 of n has mean 1/(2n + 2), so with several cells at 0 of n those quantiles can both
+    sit above the run's value (4 curve points at 0 of 10: FWT 0 [0.005, ...]); the interval is then widened to hold
+    it, as Brown, Cai & DasGupta (2001) set the Jeffreys interval's lower end to 0 at 0 of n. The spread of one
+    run's episodes, not over seeds."""
     curves, ce, succ, eps = (r.get(k) for k in ("curves", "curve_episodes", "success", "episodes"))
     if (not (curves and ce and eps and r.get("metrics")) or len(curves) != len(succ)
             or any(row is None or None in row for row in curves + succ + ce + eps)):  # a count or rate not recorded
@@ -111,9 +115,12 @@ def episode_intervals(r, draws=4000, seed=0):
             c[k][t] = beta(succ[k][t], eps[k][t])
     m = [lifelong_metrics([[c[k][t][d] for t in range(k + 1)] for k in range(len(c))], [f[d] for f in fwt])
          for d in range(draws)]
-    return {key: (r["metrics"][key], *(np.quantile([x[key] for x in m], [0.025, 0.975]).tolist()
-                                       if r["metrics"][key] is not None else (None, None)))
-            for key in ("fwt", "nbt", "auc")}
+    out = {}
+    for key in ("fwt", "nbt", "auc"):
+        v = r["metrics"][key]
+        lo, hi = np.quantile([x[key] for x in m], [0.025, 0.975]).tolist() if v is not None else (None, None)
+        out[key] = (v, lo, hi) if v is None else (v, min(lo, v), max(hi, v))  # widened to hold the run's value
+    return out
 
 
 def nll_intervals(rs):
@@ -187,7 +194,8 @@ def aggregate(pattern, png=None):
                     n[k, t] += e if c is not None else 0
         forget = [np.mean([r["nll"][-1][k] - r["nll"][k][k] for k in range(len(r["nll"]) - 1)])
                   if r.get("nll") and None not in r["nll"] and len(r["nll"]) > 1 else None for r in rs]
-        g = {m: mean_ci([(r.get("metrics") or {}).get(m) for r in rs]) for m in ("fwt", "nbt", "auc")}
+        g = {m: mean_ci([(r.get("metrics") or {}).get(m) for r in rs], (-1.0 if m == "nbt" else 0.0, 1.0))
+             for m in ("fwt", "nbt", "auc")}
         g["metrics_over"] = "seeds" if len(rs) > 1 else None
         one = episode_intervals(rs[0]) if len(rs) == 1 else None
         if one:  # one seed: the spread of its episodes
@@ -205,7 +213,7 @@ def aggregate(pattern, png=None):
     if any(g["metrics_over"] == "episodes" for g in out.values()):
         print("(FWT, NBT, AUC: 95% t-interval over seeds; for one seed, the 95% credible interval of its episodes: "
               "every measured success rate drawn from its Jeffreys posterior Beta(s+1/2, n-s+1/2), through the "
-              "metrics; with several cells at 0 of n it can sit above the run's value)")
+              "metrics, widened to hold the run's value where several cells at 0 of n lift it above)")
     for label, g in out.items():  # the NLL matrices, with the interval each is over
         if g["nll"]:
             print(f"\nheld-out NLL, {label} (nats per step, lower is better; row: after that task, column: "
@@ -239,7 +247,7 @@ def plot_aggregate(groups, path, legend_title="", per_row=4):
                 if mean is not None:
                     ax.bar(j + i / (G + 1), mean, 1 / (G + 1), color=f"C{i}",
                            label=textwrap.fill(label, 45) if j == 0 else None)
-                if lo is not None:  # drawn from its ends: a one-seed interval can sit above the run's value
+                if lo is not None:  # drawn from its ends
                     ax.errorbar(j + i / (G + 1), (lo + hi) / 2, (hi - lo) / 2, fmt="none", ecolor="k", capsize=3)
         ax.set_xticks(np.arange(3) + (G - 1) / (2 * (G + 1)), ["FWT", "NBT", "AUC"])
         ax.set_ylim(min(0, ax.get_ylim()[0]), 1)

@@ -686,17 +686,20 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     for i, (seed, auc) in enumerate([(1, 0.2), (2, 0.4), (3, 0.6)]):
         write(f"er_s{seed}", "er", seed, auc, [0.7, 0.4])
         write(f"m2d_s{seed}", "m2distill", seed, auc + 0.1, [0.3, 0.5])
+        write(f"seq_s{seed}", "sequential", seed, [0.0, 0.0, 0.3][i], [0.0, 0.0])
     write("m2d_lp01_s1", "m2distill", 1, 0.9, [0.3, 0.5], lam=0.1)
     one = json.load(open(tmp_path / "m2d_lp01_s1" / "results.json"))  # one seed: intervals over held-out demos
     one["nll_demos"] = [[[-5.0, -4.0, -6.0]], [[-3.0, -4.0, -2.0], [-6.0, -6.0, -6.0]]]
     json.dump(one, open(tmp_path / "m2d_lp01_s1" / "results.json", "w"))
     groups = aggregate.aggregate(str(tmp_path / "*"), str(tmp_path / "agg.png"))
-    assert set(groups) == {"er", "m2distill lambda_policy=1.0", "m2distill lambda_policy=0.1"}  # ER has no lambdas
+    assert set(groups) == {"er", "m2distill lambda_policy=1.0", "m2distill lambda_policy=0.1", "sequential"}  # ER: no lambdas
     m, lo, hi = groups["er"]["auc"]  # 0.2, 0.4, 0.6: s = 0.2, t(0.975, 2) = 4.3027
     assert (m, hi - m) == (pytest.approx(0.4), pytest.approx(4.3027 * 0.2 / 3 ** 0.5, rel=1e-4))
     m, lo, hi = aggregate.mean_ci(list(range(20)))  # t(0.975, 19) = 2.0930 at any n, not the normal 1.96
     assert hi - m == pytest.approx(2.0930 * np.std(range(20), ddof=1) / 20 ** 0.5, rel=1e-4)
     assert groups["m2distill lambda_policy=0.1"]["auc"] == (pytest.approx(0.9), None, None)  # one seed: no interval
+    m, lo, hi = groups["sequential"]["auc"]  # 0, 0, 0.3: m - h = -0.33, below what an AUC can be
+    assert m == pytest.approx(0.1) and lo == 0.0 and hi == pytest.approx(0.1 + 4.3027 * 0.3 / 3 ** 0.5 / 3 ** 0.5, rel=1e-3)
     g = groups["er"]
     assert g["successes"][1, 0] == 21 and g["episodes"][1, 0] == 30  # pooled over 3 seeds: 7 of 10 each
     assert g["nll_forgetting"][0] == pytest.approx(1.0)  # nll[1][0] - nll[0][0] = -4 - -5
@@ -709,7 +712,7 @@ def test_aggregate_gives_t_intervals_over_seeds_and_wilson_intervals_per_cell(tm
     assert (lo, hi) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
     assert aggregate.wilson(0, 10)[0] == 0.0 and aggregate.wilson(0, 10)[1] > 0.2 and aggregate.wilson(10, 10)[1] == 1.0
     out = capsys.readouterr().out
-    assert "| er | 3 |" in out and "m2d_s3/results.json: c_kk is its curve's best point" in out
+    assert "| er | 3 |" in out and "seq_s3/results.json: c_kk is its curve's best point" in out
     assert open(tmp_path / "agg.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     shutil.copytree(tmp_path / "er_s2", tmp_path / "er_s2_again")  # the same run twice is not two seeds
     with pytest.raises(SystemExit, match=r"er_s2/results.json and .*er_s2_again/results.json are runs with the same"):
@@ -780,11 +783,11 @@ def test_aggregate_gives_one_seed_intervals_from_its_episodes(tmp_path, capsys):
     assert zero["fwt"][1] < 1e-3 and zero["fwt"][2] == pytest.approx(0.2172, abs=0.02)  # Jeffreys, 0 of 10
     tie = aggregate.episode_intervals(run([[0.5, 0.0, 0.5]], [[0.5]], 10))  # held from the last best: (X0 + X1 + X2) / 3
     assert tie["fwt"][0] == pytest.approx(1 / 3) and tie["fwt"][2] < 0.6  # from the first it would be X0: up to .78
-    zeros = aggregate.episode_intervals(run([[0.0] * 4], [[0.0]], 10))  # a credible interval, not widened:
-    assert zeros["fwt"][0] == 0.0 < zeros["fwt"][1]  # four points at 0 of 10 lift the posterior above the run's 0
+    zeros = aggregate.episode_intervals(run([[0.0] * 4], [[0.0]], 10))  # four points at 0 of 10 lift the posterior
+    assert zeros["fwt"][:2] == (0.0, 0.0) and zeros["auc"][:2] == (0.0, 0.0)  # above the run's 0: widened to hold it
     partly_old = {**run([[0.0, 1.0], [0.0, 0.9]], [[1.0], [0.0, 0.9]], 10), "diagonal_fresh": [None, True]}
     json.dump(partly_old, open(tmp_path / "er.json", "w"))
-    above = run([[0.0] * 4, [0.0] * 4], [[0.0], [0.0, 0.0]], 10)  # its intervals all sit above its 0s
+    above = run([[0.0] * 4, [0.0] * 4], [[0.0], [0.0, 0.0]], 10)  # its credible intervals sit above its 0s
     json.dump({**above, "run": {**above["run"], "algo": "sequential"}, "diagonal_fresh": [True, True]},
               open(tmp_path / "seq.json", "w"))
     g = aggregate.aggregate(str(tmp_path / "*.json"), str(tmp_path / "agg.png"))["er"]  # the picture draws them
