@@ -241,8 +241,7 @@ class SequenceDataset:
         noop_steps finds (as OpenVLA's regenerated data). Language comes from LIBERO, not the file. Raises as
         check_task_file."""
         with open_task_file(path) as f:
-            names = demo_names(f, path)
-            demos = names[demos] if isinstance(demos, slice) else list(demos)
+            demos = demo_names(f, path)[demos] if isinstance(demos, slice) else list(demos)
             check_demos(f, path, demos, img_size)
             keep = [~noop_steps(f[f"data/{d}/actions"][()]) if drop_noops else slice(None) for d in demos]
             lengths = torch.tensor([len(f[f"data/{d}/actions"][()][m]) for d, m in zip(demos, keep)])
@@ -261,7 +260,7 @@ class SequenceDataset:
             actions = read("actions", lambda x: x.astype(np.float32))
         demo_end = torch.repeat_interleave(torch.cumsum(lengths, 0) - 1, lengths)  # (N,)
         ds = cls(obs, actions, demo_end, task_id, seq_len)
-        ds.demos, ds.n_demos, ds.total_demos = demos, len(demos), len(names)
+        ds.demos, ds.n_demos = demos, len(demos)
         return ds
 
     def __len__(self):
@@ -285,8 +284,7 @@ class SequenceDataset:
 def cat_batches(batches):
     """Concatenate batch dicts along the batch dimension."""
     return {"obs": {k: torch.cat([b["obs"][k] for b in batches]) for k in batches[0]["obs"]},
-            "actions": torch.cat([b["actions"] for b in batches]),
-            "task_id": torch.cat([b["task_id"] for b in batches])}
+            **{k: torch.cat([b[k] for b in batches]) for k in ("actions", "task_id")}}
 
 
 class ReplayMemory:
@@ -388,21 +386,3 @@ def _minilm_embeddings(instructions):
     m = t["attention_mask"][..., None].float()  # (n, L, 1)
     emb = (out.last_hidden_state * m).sum(1) / m.sum(1)  # mean over real tokens, (n, 384)
     return torch.nn.functional.normalize(emb, dim=1)
-
-
-# ----------------------------------------------------------------------------- synthetic data for tests
-def write_synthetic_task(path, language, n_demos=2, length=12, img_size=32, seed=0):
-    """A small file in exactly the official layout with random content: for tests, never for training claims."""
-    g = np.random.default_rng(seed)
-    demos = []
-    for _ in range(n_demos):
-        n = length + int(g.integers(0, 4))
-        img = lambda: g.integers(0, 256, (n, img_size, img_size, 3), dtype=np.uint8)
-        flt = lambda *s: g.standard_normal((n, *s)).astype(np.float64)
-        demos.append({
-            "obs": {"agentview_rgb": img(), "eye_in_hand_rgb": img(), "joint_states": flt(7),
-                    "gripper_states": flt(2), "ee_pos": flt(3), "ee_ori": flt(3), "ee_states": flt(6)},
-            "actions": np.clip(flt(7), -1, 1), "states": flt(110), "robot_states": flt(9),
-            "rewards": np.eye(n, dtype=np.uint8)[-1], "dones": np.eye(n, dtype=np.uint8)[-1],
-            "model_file": "<mujoco/>", "init_state": flt(110)[0]})
-    write_demo_file(path, demos, language=language, bddl_file_name="synthetic.bddl", env_args={"type": 1})

@@ -190,8 +190,7 @@ class Evaluator:
 
     def __init__(self, suite, n_eval, max_steps, workers=None, video_dir=None, episode_timeout=None,
                  env_fn=None, seed=10000, low_eval_noise=False):
-        self.suite, self.n_eval, self.max_steps, self.video_dir = suite, n_eval, max_steps, video_dir
-        self.env_fn, self.seed, self.low_eval_noise = env_fn or make_env, seed, low_eval_noise
+        self.n_eval, self.worker_args = n_eval, (suite, max_steps, video_dir, env_fn or make_env, seed, low_eval_noise)
         self.n_workers = max(1, min(workers or os.cpu_count(), n_eval))
         self.timeout = episode_timeout or 300 + 2 * max_steps
         self.ctx = mp.get_context("spawn")
@@ -203,8 +202,7 @@ class Evaluator:
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker, args=(child, os.getpid(), self.suite, self.max_steps, self.video_dir,
-                                                   self.env_fn, self.seed, self.low_eval_noise), daemon=True)
+        p = self.ctx.Process(target=_worker, args=(child, os.getpid(), *self.worker_args), daemon=True)
         main = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited: deaf to Ctrl-C from birth
         try:
@@ -339,9 +337,7 @@ def lifelong_metrics(conf_mat, fwt_k):
 
     NBT is averaged over k < K only (the last task has no later task to forget it); with K = 1 it is None."""
     K = len(fwt_k)
-    c = np.full((K, K), np.nan)
-    for k, row in enumerate(conf_mat):
-        c[k, :len(row)] = row
+    c = np.array([list(row) + [None] * (K - len(row)) for row in conf_mat], dtype=float)  # (K, K), None: NaN
     nbt_k = [np.mean([c[k, k] - c[tau, k] for tau in range(k + 1, K)]) for k in range(K - 1)]
     auc_k = [(fwt_k[k] + sum(c[tau, k] for tau in range(k + 1, K))) / (K - k) for k in range(K)]
     return {"fwt": float(np.mean(fwt_k)), "nbt": float(np.mean(nbt_k)) if nbt_k else None,

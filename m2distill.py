@@ -575,20 +575,15 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
             # row j: the earlier tasks, and task k on other episodes than the curve's, which chose this checkpoint
             # (LIBERO reruns it with unseeded sampling): c_{k,k} is measured, not the best of the curve's draws
             row = {**(evaluate(policy, args.tasks[:j]) if j else {}), **evaluate(policy, [k], 1)}
-            res["success"].append([row[i][0] for i in args.tasks[:j + 1]])
-            res["episodes"].append([row[i][1] for i in args.tasks[:j + 1]])
-            res["curves"].append(curve)
-            res["curve_episodes"].append(curve_episodes)
-            res["fwt_k"].append(fwt_k)
-            res["gripper_fit"].append(gripper_fit)
-            res["diagonal_fresh"].append(True if res["success"][-1][-1] is not None else None)  # None: not measured
             nll, nll_demos = nll_row(policy, vals, task_embs, args.device) if val else (None, None)
-            res["nll"].append(nll)
-            res["nll_demos"].append(nll_demos)
-            res["tasks"].append(bench.get_task(k).name)
-            res["task_ids"].append(k)
-            res["demos"].append({"n_train": train.n_demos, "n_val": val.n_demos if val else 0,
-                                 "train": train.demos, "val": val.demos if val else []})
+            new = dict(curves=curve, fwt_k=fwt_k, curve_episodes=curve_episodes, gripper_fit=gripper_fit, task_ids=k,
+                       tasks=bench.get_task(k).name, success=[row[i][0] for i in args.tasks[:j + 1]],
+                       episodes=[row[i][1] for i in args.tasks[:j + 1]], nll=nll, nll_demos=nll_demos,
+                       diagonal_fresh=True if row[k][0] is not None else None,  # None: c_{k,k} not measured
+                       demos={"n_train": train.n_demos, "n_val": val.n_demos if val else 0, "train": train.demos,
+                              "val": val.demos if val else []})
+            for key in PER_TASK:  # one entry in every per-task list of the record
+                res[key].append(new[key])
             save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"), res["task_emb"])
             score(args, res)  # after the checkpoint: a task is done
             if os.path.exists(os.path.join(args.out, "progress.pt")):  # this task's: done with it

@@ -9,7 +9,6 @@ import pickle
 import re
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -229,7 +228,6 @@ class ResNetT(nn.Module):
     def __init__(self, d_lang, img_size=128, seq_len=10, E=64, layers=4, modes=5):
         super().__init__()
         self.config = dict(d_lang=d_lang, img_size=img_size, seq_len=seq_len, E=E, layers=layers, modes=modes)
-        self.seq_len = seq_len
         self.image_encoders = nn.ModuleDict({c: FiLMResNetEncoder(d_lang, img_size, E) for c in CAMERAS})
         self.language_encoder = nn.Linear(d_lang, E)
         self.extra_encoders = nn.ModuleDict({k: nn.Linear(d, E) for k, d in LOW_DIM.items()})
@@ -275,7 +273,7 @@ class ResNetT(nn.Module):
         Keeps the tokens of the last `seq_len` steps and samples from the GMM at the newest one."""
         self.eval()
         tokens, _ = self.spatial_encode({k: v[:, None] for k, v in obs.items()}, task_emb)  # (B, 1, 5, E)
-        self.queue = (self.queue + [tokens])[-self.seq_len:]
+        self.queue = (self.queue + [tokens])[-self.config["seq_len"]:]
         x = self.temporal_encode(torch.cat(self.queue, 1))[:, -1]  # (B, E)
         return gmm_sample(*self.head(x), 1)[0].clamp(-1, 1).cpu().numpy()  # (B, 7)
 

@@ -34,6 +34,23 @@ needs_simulator = pytest.mark.skipif(importlib.util.find_spec("libero") is None,
                                      reason="the LIBERO simulator is not installed: pip install -r requirements.txt")
 
 
+def write_synthetic_task(path, language, n_demos=2, length=12, img_size=32, seed=0):
+    """A small file in exactly the official layout (data.write_demo_file) with random content."""
+    g = np.random.default_rng(seed)
+    demos = []
+    for _ in range(n_demos):
+        n = length + int(g.integers(0, 4))
+        img = lambda: g.integers(0, 256, (n, img_size, img_size, 3), dtype=np.uint8)
+        flt = lambda *s: g.standard_normal((n, *s)).astype(np.float64)
+        demos.append({
+            "obs": {"agentview_rgb": img(), "eye_in_hand_rgb": img(), "joint_states": flt(7),
+                    "gripper_states": flt(2), "ee_pos": flt(3), "ee_ori": flt(3), "ee_states": flt(6)},
+            "actions": np.clip(flt(7), -1, 1), "states": flt(110), "robot_states": flt(9),
+            "rewards": np.eye(n, dtype=np.uint8)[-1], "dones": np.eye(n, dtype=np.uint8)[-1],
+            "model_file": "<mujoco/>", "init_state": flt(110)[0]})
+    data.write_demo_file(path, demos, language=language, bddl_file_name="synthetic.bddl", env_args={"type": 1})
+
+
 def fake_obs(B=2, T=10, img=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"agentview_rgb": torch.randint(0, 256, (B, T, img, img, 3), generator=g, dtype=torch.uint8),
@@ -48,7 +65,7 @@ def suite_dir(tmp_path_factory):
     bench = data.suite_benchmark(SUITE)
     for k in range(2):
         t = bench.get_task(k)
-        data.write_synthetic_task(data.task_file(root, SUITE, t.name), t.language, n_demos=3, length=10, seed=k)
+        write_synthetic_task(data.task_file(root, SUITE, t.name), t.language, n_demos=3, length=10, seed=k)
     return str(root)
 
 
@@ -537,7 +554,7 @@ def test_every_algorithm_shares_the_first_task_and_can_start_from_anothers(suite
 
 def test_synthetic_file_has_the_official_layout_and_a_missing_key_is_named(tmp_path):
     path = str(tmp_path / "t_demo.hdf5")
-    data.write_synthetic_task(path, "do it", n_demos=2)
+    write_synthetic_task(path, "do it", n_demos=2)
     with h5py.File(path) as f:
         assert data.check_layout(f, path) == ["demo_0", "demo_1"]
         assert json.loads(f["data"].attrs["problem_info"])["language_instruction"] == "do it"
@@ -554,7 +571,7 @@ def test_missing_data_is_collected_by_the_expert_after_one_line(tmp_path, monkey
         calls.append((suite, n, list(task_ids)))
         for k in task_ids:
             t = bench.get_task(k)
-            data.write_synthetic_task(data.task_file(data_dir, suite, t.name), t.language, n_demos=n, length=10)
+            write_synthetic_task(data.task_file(data_dir, suite, t.name), t.language, n_demos=n, length=10)
 
     monkeypatch.setattr(expert, "collect", fake_collect)
     res = m2distill.run(tiny_args(str(tmp_path / "fresh"), tmp_path / "out"))
@@ -661,7 +678,7 @@ def test_drop_noops_leaves_out_the_steps_that_do_nothing(tmp_path):
     a[1, 0] = 0.5  # step 1 moves the arm
     assert data.noop_steps(a).tolist() == [True, False, True, False, True, False]  # OpenVLA's is_noop
     path = str(tmp_path / "t.hdf5")
-    data.write_synthetic_task(path, "x", n_demos=2, length=12, img_size=32, seed=0)
+    write_synthetic_task(path, "x", n_demos=2, length=12, img_size=32, seed=0)
     with h5py.File(path, "r+") as f:  # demo_0: its steps 2..5 become no-ops
         acts = f["data/demo_0/actions"][()]
         acts[2:6, :6], acts[2:6, 6] = 0.0, acts[1, 6]
@@ -1081,7 +1098,7 @@ def two_task_dir(root, n_demos=3, img_size=32):
     for k in range(2):
         t = bench.get_task(k)
         paths.append(data.task_file(str(root), SUITE, t.name))
-        data.write_synthetic_task(paths[-1], t.language, n_demos=n_demos, length=10, img_size=img_size, seed=k)
+        write_synthetic_task(paths[-1], t.language, n_demos=n_demos, length=10, img_size=img_size, seed=k)
     return str(root), paths
 
 
@@ -1153,7 +1170,7 @@ def test_demo_shortfall_is_one_rule_and_the_record_says_what_was_used(tmp_path, 
     saying so in one line each time; results.json and every checkpoint record demos and task embedding."""
     bench = data.suite_benchmark(SUITE)
     path = data.task_file(str(tmp_path / "data"), SUITE, bench.get_task(0).name)
-    data.write_synthetic_task(path, bench.get_task(0).language, n_demos=4, length=10)
+    write_synthetic_task(path, bench.get_task(0).language, n_demos=4, length=10)
     names = [f"demo_{i}" for i in range(4)]
     for val, out in [(0, tmp_path / "v0"), (1, tmp_path / "v1")]:
         m2distill.run(tiny_args(str(tmp_path / "data"), out, n_tasks=1, n_demos=6, val_demos=val))
@@ -1319,7 +1336,7 @@ def test_bad_files_and_out_are_refused_before_any_collection_or_training(tmp_pat
         open(root, "w").close()
     elif fault == "img_size_64":  # task 0 at 64 px fits, task 1 at 32 px does not
         t = data.suite_benchmark(SUITE).get_task(0)
-        data.write_synthetic_task(paths[0], t.language, n_demos=3, length=10, img_size=64)
+        write_synthetic_task(paths[0], t.language, n_demos=3, length=10, img_size=64)
         kw = {"img_size": 64}
     elif fault == "out_is_a_file":
         open(out, "w").close()
@@ -1613,7 +1630,7 @@ def test_evaluate_refuses_what_is_not_a_checkpoint_in_one_line(finished_run, tmp
            "tensor": tmp_path / "tensor.pt", "empty dict": tmp_path / "empty.pt", "directory": finished_run,
            "missing": tmp_path / "nope.pt"}
     bad["text"].write_text("task0.pt\n")
-    data.write_synthetic_task(str(bad["hdf5"]), "pick it up", n_demos=1, length=4, img_size=8)
+    write_synthetic_task(str(bad["hdf5"]), "pick it up", n_demos=1, length=4, img_size=8)
     bad["truncated"].write_bytes((finished_run / "task0.pt").read_bytes()[:100_000])
     torch.save(torch.ones(3), bad["tensor"])
     torch.save({}, bad["empty dict"])
