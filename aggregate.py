@@ -48,6 +48,8 @@ def read_results(path):
         raise SystemExit(f"--aggregate: {path} is not a results.json of m2distill.py (cut off, edited or another "
                          "file); move it out of the glob or give a narrower one.") from None
     res["run"] = record_flags(res["run"])  # a record from before a flag ran with its default
+    order = res["run"].get("tasks") or res.get("task_ids") or list(range(len(res["success"])))  # before task_ids: flags
+    res["task_ids"] = order[:len(res["success"])]
     return res
 
 
@@ -66,7 +68,7 @@ def common_tasks(named):
     from them (evaluate.lifelong_metrics: what the run itself wrote when it had finished task K). Prints one line
     when it cuts; SystemExit naming two files whose task orders differ within those K tasks."""
     K = min(len(r["success"]) for _, r in named)
-    ids = [(p, (r.get("task_ids") or list(range(len(r["success"]))))[:K]) for p, r in named]
+    ids = [(p, r["task_ids"][:K]) for p, r in named]
     for p, i in ids:
         if i != ids[0][1]:
             raise SystemExit(f"--aggregate: {ids[0][0]} learnt tasks {ids[0][1]} first, {p} {i}: runs in one table "
@@ -81,7 +83,8 @@ def common_tasks(named):
                                      "task_ids")
                if r.get(k) is not None}
         if len(r["success"]) > K:
-            cut["metrics"] = lifelong_metrics(cut["success"], cut["fwt_k"]) if "fwt_k" in cut else None
+            measured = "fwt_k" in cut and None not in cut["fwt_k"] and all(None not in row for row in cut["success"])
+            cut["metrics"] = lifelong_metrics(cut["success"], cut["fwt_k"]) if measured else None  # --n-eval 0: none
         out.append({**r, **cut})
     return out
 
@@ -174,9 +177,9 @@ def aggregate(pattern, png=None):
     for p, r in zip(paths, runs):
         label = " ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying if acts(r["run"], k)
                                                and value(r["run"], k) != shared.get(k)])
-        twin = seen.setdefault(json.dumps(r["run"], sort_keys=True), p)
+        twin = seen.setdefault(json.dumps({k: v for k, v in r["run"].items() if acts(r["run"], k)}, sort_keys=True), p)
         if twin != p:  # a copy, or a rerun into another --out: not a second seed
-            raise SystemExit(f"--aggregate: {twin} and {p} are runs with the same flags and seed "
+            raise SystemExit(f"--aggregate: {twin} and {p} are runs with the same flags (those that act) and seed "
                              f"({r['run']['seed']}), which would count as two seeds; keep one of them in the glob.")
         groups.setdefault(label, []).append(r)
     rows, out = ["| runs | seeds | FWT (higher: better) | NBT (lower: better) | AUC (higher: better) | NLL forgetting "
@@ -205,7 +208,7 @@ def aggregate(pattern, png=None):
             D, K1 = rs[0]["nll_demos"], len(rs[0]["nll"]) - 1
             forget = [D[K1][k][d] - D[k][k][d] for k in range(K1) for d in range(len(D[k][k]))]
         g.update(nll=nll_ci, nll_over=over, nll_forgetting=mean_ci(forget), seeds=[r["run"]["seed"] for r in rs],
-                 successes=succ, episodes=n, task_ids=max((r.get("task_ids") or list(range(len(r["success"]))) for r in rs), key=len))
+                 successes=succ, episodes=n, task_ids=rs[0]["task_ids"])
         out[label] = g
         rows.append(f"| {label} | {len(rs)} | " + " | ".join(fmt(*g[m]) for m in ("fwt", "nbt", "auc", "nll_forgetting"))
                     + " |")

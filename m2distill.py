@@ -320,6 +320,7 @@ def load_results(args):
         res[k] = [row or (None if like is None else [None] * len(like)) for row, like in zip(res[k], res[shape])]
     res.setdefault("task_emb", None)
     res["run"] = record_flags(res["run"])
+    res["task_ids"] = res["run"]["tasks"][:len(res["tasks"])]  # a record from before task_ids: known from its flags
     diff = differ(res["run"], run, RUN_FLAGS)
     if diff:
         raise SystemExit(f"--out {args.out} holds a run with other flags ({diff}); "
@@ -346,7 +347,8 @@ def first_task_from(args, res):
     with rollouts.exits(f"--first-task-from {src}: "):
         ckpt = read_checkpoint(os.path.join(src, "task0.pt"), fix="train the first task here instead")
     save_torch(ckpt, os.path.join(args.out, "task0.pt"))
-    res.update({k: other.get(k, [None])[:1] for k in PER_TASK}, first_task_from=src, task_emb=other.get("task_emb"))
+    res.update({k: other.get(k, [None])[:1] for k in PER_TASK}, first_task_from=src, task_emb=other.get("task_emb"),
+               task_ids=args.tasks[:1])  # the same first task (checked above), also where that record has no task_ids
     return res
 
 

@@ -538,8 +538,11 @@ def test_every_algorithm_shares_the_first_task_and_can_start_from_anothers(suite
     learned = []
     learn = m2distill.learn_task
     monkeypatch.setattr(m2distill, "learn_task", lambda *a: (learned.append(a[6]), learn(*a))[1])
+    rec = json.load(open(src / "results.json"))
+    del rec["task_ids"]  # a record from before task_ids: its first task is known from the flags
+    json.dump(rec, open(src / "results.json", "w"))
     res = m2distill.run(tiny_args(suite_dir, tmp_path / "m2d", first_task_from=src))
-    assert learned == [1] and res["first_task_from"] == str(src)
+    assert learned == [1] and res["first_task_from"] == str(src) and res["task_ids"] == [0, 1]
     assert res["nll"][0] == json.load(open(src / "results.json"))["nll"][0]
     a, b = (torch.load(d / "task0.pt")["state_dict"] for d in (src, tmp_path / "m2d"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -741,7 +744,7 @@ def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, cap
         res = {"run": {"algo": algo, "seed": 1, "n_eval": 10}, "success": success, "fwt_k": fwt_k,
                "episodes": [[10] * len(row) for row in success], "task_ids": task_ids,
                "nll": [[-5.0] * len(row) for row in success],
-               "metrics": evaluate.lifelong_metrics(success, fwt_k)}
+               "metrics": None if None in fwt_k else evaluate.lifelong_metrics(success, fwt_k)}
         json.dump(res, open(tmp_path / f"{name}.json", "w"))
     full = [[0.8], [0.2, 0.9], [0.0, 0.1, 0.6]]
     write("seq", "sequential", full, [0.5, 0.6, 0.4], [8, 1, 4])
@@ -754,6 +757,11 @@ def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, cap
     write("er", "er", full[:2], [0.5, 0.6], [8, 4])  # another order: not comparable
     with pytest.raises(SystemExit, match="same task order"):
         aggregate.aggregate(str(tmp_path / "*.json"))
+    os.remove(tmp_path / "er.json")  # runs without rollouts (--n-eval 0), cut to the tasks both finished
+    write("er", "er", [[None], [None, None]], [None, None], [8, 1])
+    write("seq", "sequential", [[None], [None, None], [None, None, None]], [None] * 3, [8, 1, 4])
+    groups = aggregate.aggregate(str(tmp_path / "*.json"))  # no metrics to recompute, and no traceback
+    assert groups["sequential"]["auc"] == (None, None, None) and len(groups["sequential"]["nll"]) == 2
 
 
 def test_aggregate_labels_name_only_what_sets_a_group_apart_and_its_picture_wraps(tmp_path, capsys):
@@ -772,6 +780,12 @@ def test_aggregate_labels_name_only_what_sets_a_group_apart_and_its_picture_wrap
         capsys.readouterr().out  # what the short labels leave out, said once
     w, h = np.frombuffer(open(tmp_path / "agg.png", "rb").read()[16:24], ">u4")  # the PNG's IHDR: width, height
     assert w < 3 * h  # six matrices in rows of four, not one strip
+    seq = {"run": {"algo": "sequential", "seed": 1, "n_eval": 10, "lambda_policy": 1.0}, "success": [[0.5]]}
+    json.dump(seq, open(tmp_path / "seq.json", "w"))
+    json.dump({**seq, "run": {**seq["run"], "lambda_policy": 0.1}}, open(tmp_path / "seq_copy.json", "w"))
+    with pytest.raises(SystemExit, match="seq.json and .*seq_copy.json are runs with the same flags"):
+        aggregate.aggregate(str(tmp_path / "*.json"))  # a flag that does not act in Sequential: not a second seed
+    os.remove(tmp_path / "seq.json"), os.remove(tmp_path / "seq_copy.json")
     for i in (0, 1, 4):  # left: lambda_policy 0 with every term on, and 0.1 without L_image: a tie, so both name both
         os.remove(tmp_path / f"r{i}.json")
     assert set(aggregate.aggregate(str(tmp_path / "*.json"))) == {
@@ -1273,9 +1287,11 @@ def test_a_record_from_before_a_flag_reads_with_the_value_it_ran_with(finished_r
     for k in ("tasks", "drop_noops", "low_eval_noise", "init_from", "distill_on"):
         del rec["run"][k]
     rec["run"]["n_tasks"] = len(rec["tasks"])
+    del rec["task_ids"]
     json.dump(rec, open(out / "results.json", "w"))
     again = m2distill.run(tiny_args(suite_dir, out, "sequential"))  # the same flags: nothing left to do
     assert again["run"]["tasks"] == [0, 1] and "n_tasks" not in again["run"]
+    assert again["task_ids"] == [0, 1]  # known from the flags, not [None, None] (axes labelled None)
     rec["run"]["seed"] = 1  # another seed of the same flags
     json.dump(rec, open(out / "results.json", "w"))
     groups = aggregate.aggregate(str(tmp_path / "*"))
