@@ -5,6 +5,7 @@
 A module of its own, as expert.py: nothing in a run needs it (m2distill.py and evaluate.py make each run's numbers).
 """
 import glob
+import hashlib
 import json
 import os
 import textwrap
@@ -80,7 +81,7 @@ def common_tasks(named):
     out = []
     for _, r in named:
         cut = {k: r[k][:K] for k in ("success", "episodes", "curves", "curve_episodes", "fwt_k", "nll", "nll_demos",
-                                     "task_ids")
+                                     "task_ids", "demos")
                if r.get(k) is not None}
         if len(r["success"]) > K:
             measured = "fwt_k" in cut and None not in cut["fwt_k"] and all(None not in row for row in cut["success"])
@@ -141,7 +142,8 @@ def nll_intervals(rs):
 def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
 
-    Runs with the same flags but the seed form one group (label: the algorithm and the flags that differ between
+    Runs with the same flags (those that act, acts) and demos (run["data"], from each task's data.demos_sha1; None
+    for a record from before it) but the seed form one group (label: the algorithm and the flags that differ between
     groups, each named only in the groups that differ from the value most groups share, printed once). Per group:
     FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its episodes, episode_intervals;
     g["metrics_over"] says which); the success matrix pooled over seeds (successes / episodes) with a Wilson interval
@@ -159,6 +161,10 @@ def aggregate(pattern, png=None):
         print(f"({', '.join(old)}: c_kk is its curve's best point (a record from before diagonal_fresh), biased "
               "upward, and NBT with it; rerun each one's command to measure c_kk on fresh episodes)")
     runs = common_tasks([(p, r) for p, r in zip(paths, runs)])
+    for r in runs:  # the demos each task was learnt from (data.demos_sha1): runs on other demos are not seeds of one
+        shas = [(d or {}).get("sha1") for d in r.get("demos") or []]  # group; None: a record from before sha1
+        known = len(shas) == len(r["success"]) and None not in shas
+        r["run"]["data"] = hashlib.sha1(" ".join(shas).encode()).hexdigest()[:8] if known else None
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs if acts(r["run"], k)}) > 1
                and k != "algo"]

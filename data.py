@@ -225,6 +225,16 @@ def noop_steps(actions, eps=1e-4):
     return (np.linalg.norm(actions[:, :6], axis=1) < eps) & np.r_[True, actions[1:, 6] == actions[:-1, 6]]
 
 
+def demos_sha1(*datasets):
+    """A fingerprint of the demos a task was learnt from: sha1 (12 hex digits) of the actions (float32, as read,
+    after --drop-noops) of each dataset in turn (train, then held out; None: none). Two data folders with the same
+    demos give the same one; another collection, order or split does not."""
+    h = hashlib.sha1()
+    for ds in datasets:
+        h.update(b"|" if ds is None else ds.actions.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 class SequenceDataset:
     """All demonstrations of one task, in memory, one training sequence per (demo, start step): `seq_len` steps
     from step t, padded at its demo's end by repeating the last step (robomimic's pad_seq_length), so a demo of n

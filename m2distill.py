@@ -353,12 +353,20 @@ def first_task_from(args, res):
 
 
 # ----------------------------------------------------------------------------- the lifelong loop
-def load_task_data(args, bench, k):
-    """Task k's training and held-out demos (data.check_task_file's split; val None when none are held out)."""
+def load_task_data(args, bench, k, res, j):
+    """Task k, the j-th of the run: (train, val, sha1), its training and held-out demos (data.check_task_file's
+    split; val None when none are held out) and their data.demos_sha1. SystemExit naming --data-dir when the record
+    `res` learnt task j from other demos (resumed, or taken with --first-task-from, with another data folder)."""
     path = data.task_file(args.data_dir, args.suite, bench.get_task(k).name)
     split = data.check_task_file(path, args.n_demos, args.val_demos, args.img_size)
     read = lambda demos: data.SequenceDataset.from_hdf5(path, k, args.seq_len, demos, args.img_size, args.drop_noops)
-    return read(split["train"]), read(split["val"]) if split["val"] else None
+    train, val = read(split["train"]), read(split["val"]) if split["val"] else None
+    sha1, had = data.demos_sha1(train, val), (res["demos"][j] or {}).get("sha1") if j < len(res["demos"]) else None
+    if had not in (None, sha1):  # None: not learnt yet, or a record from before sha1
+        src = res.get("first_task_from") if j == 0 and res.get("first_task_from") else args.out
+        raise SystemExit(f"--data-dir {args.data_dir}: task {k}'s demos are not those {src} learnt it from (actions "
+                         f"sha1 {had} there, {sha1} here); pass the data it was trained on, or another --out.")
+    return train, val, sha1
 
 
 def check_data(args, bench):
@@ -556,7 +564,7 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
     old, vals, done = None, [], len(res["tasks"])
     for j, k in enumerate(args.tasks):  # j: the task's place in the run, k: its LIBERO task id
         t0 = time.time()
-        train, val = load_task_data(args, bench, k)
+        train, val, sha1 = load_task_data(args, bench, k, res, j)
         vals.append(val)
         res["seconds"]["data"] = res["seconds"].get("data", 0) + time.time() - t0
         if j < done and val and res["nll_demos"][j] is None:  # a record from before nll_demos: from task<j>.pt
@@ -583,7 +591,7 @@ def lifelong(args, bench, policy, task_embs, evaluate, res):
                        episodes=[row[i][1] for i in args.tasks[:j + 1]], nll=nll, nll_demos=nll_demos,
                        diagonal_fresh=True if row[k][0] is not None else None,  # None: c_{k,k} not measured
                        demos={"n_train": train.n_demos, "n_val": val.n_demos if val else 0, "train": train.demos,
-                              "val": val.demos if val else []})
+                              "val": val.demos if val else [], "sha1": sha1})
             for key in PER_TASK:  # one entry in every per-task list of the record
                 res[key].append(new[key])
             save_checkpoint(policy, task_embs, args, j, os.path.join(args.out, f"task{j}.pt"), res["task_emb"])

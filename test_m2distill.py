@@ -1191,7 +1191,8 @@ def test_demo_shortfall_is_one_rule_and_the_record_says_what_was_used(tmp_path, 
         said = [l for l in capsys.readouterr().out.splitlines() if l.startswith(path)]
         assert said == [f"{path}: 4 demos, {val} held out: task 0 trains on {4 - val}, not --n-demos 6."]
         res = json.load(open(out / "results.json"))
-        assert res["demos"] == [{"n_train": 4 - val, "n_val": val, "train": names[:4 - val], "val": names[4 - val:]}]
+        assert [{k: v for k, v in d.items() if k != "sha1"} for d in res["demos"]] == [
+            {"n_train": 4 - val, "n_val": val, "train": names[:4 - val], "val": names[4 - val:]}]
         assert res["task_emb"] == {"kind": "hash", "dim": 32}
         assert torch.load(out / "task0.pt", weights_only=False)["task_emb"] == {"kind": "hash", "dim": 32}
 
@@ -1298,6 +1299,35 @@ def test_a_record_from_before_a_flag_reads_with_the_value_it_ran_with(finished_r
     assert list(groups) == ["sequential"] and sorted(groups["sequential"]["seeds"]) == [1, 10000]  # no label it never had
 
 
+def test_a_run_is_tied_to_its_demos_on_resume_first_task_from_and_in_the_aggregate(finished_run, suite_dir, tmp_path):
+    """Each task's record names its demos (data.demos_sha1): resuming, or starting from another run's first task,
+    with other demos stops in one line naming --data-dir; --aggregate keeps runs on other demos apart."""
+    out = copy_run(finished_run, tmp_path)
+    rec = json.load(open(out / "results.json"))
+    shas = [d["sha1"] for d in rec["demos"]]
+    assert all(len(s) == 12 for s in shas) and shas[0] != shas[1]
+    first = {**rec, **{k: copy.deepcopy(rec[k][:1]) for k in m2distill.PER_TASK}}  # as if stopped after task 0
+    first["demos"][0]["sha1"] = "0" * 12  # ... which it had learnt from another collection
+    json.dump(first, open(out / "results.json", "w"))
+    os.remove(out / "task1.pt")
+    msg = one_line_exit(lambda: m2distill.run(tiny_args(suite_dir, out, "sequential")))
+    assert msg.startswith(f"--data-dir {suite_dir}: task 0's demos are not those {out} learnt it from "
+                          "(actions sha1 000000000000 there, " + shas[0])
+    msg = one_line_exit(lambda: m2distill.run(tiny_args(suite_dir, tmp_path / "m2d", first_task_from=out)))
+    assert msg.startswith(f"--data-dir {suite_dir}: task 0's demos are not those {out} learnt it from")
+    first["demos"][0]["sha1"] = shas[0]
+    json.dump(first, open(out / "results.json", "w"))
+    again = m2distill.run(tiny_args(suite_dir, out, "sequential"))  # its own demos: resumes, and names task 1's
+    assert [d["sha1"] for d in again["demos"]] == shas
+    rec["run"]["seed"] = 1  # another seed of the same flags and demos: one group of two seeds
+    json.dump(rec, open(tmp_path / "seed1.json", "w"))
+    shutil.copy(finished_run / "results.json", tmp_path / "seed0.json")
+    assert aggregate.aggregate(str(tmp_path / "seed*.json"))["sequential"]["seeds"] == [10000, 1]
+    rec["demos"][1]["sha1"] = "0" * 12  # seed 1 learnt task 1 from other demos: not a seed of the same group
+    json.dump(rec, open(tmp_path / "seed1.json", "w"))
+    assert len(aggregate.aggregate(str(tmp_path / "seed*.json"))) == 2
+
+
 def garbage(path):
     with open(path, "wb") as f:
         f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -1397,6 +1427,7 @@ def test_openvla_regenerated_file_trains_as_it_is(tmp_path):
     path = data.task_file(str(tmp_path / "data"), SUITE, data.suite_benchmark(SUITE).get_task(0).name)
     write_openvla_task(path, [0, 2, 3, 5, 10])
     res = m2distill.run(tiny_args(str(tmp_path / "data"), tmp_path / "out", n_tasks=1, n_demos=3, val_demos=1))
+    assert len(res["demos"][0].pop("sha1")) == 12  # data.demos_sha1
     assert res["demos"] == [{"n_train": 3, "n_val": 1, "train": ["demo_0", "demo_2", "demo_3"], "val": ["demo_10"]}]
     assert len(res["nll"][0]) == 1 and np.isfinite(res["nll"][0][0])
     ds = data.SequenceDataset.from_hdf5(path, 0, img_size=32)
