@@ -140,7 +140,8 @@ def nll_intervals(rs):
 
 
 def aggregate(pattern, png=None):
-    """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files).
+    """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files, or a list of
+    them; a file that several match is read once).
 
     Runs with the same flags (those that act, acts) and demos (run["data"], from each task's data.demos_sha1; None
     for a record from before it) but the seed form one group (label: the algorithm and the flags that differ between
@@ -151,11 +152,12 @@ def aggregate(pattern, png=None):
     were kept. Runs that finished more tasks than others
     are compared on the tasks all finished (common_tasks). Returns the groups, prints the markdown
     table, writes `png` (plot_aggregate)."""
-    paths = [p for p in sorted(p if p.endswith(".json") else os.path.join(p, "results.json") for p in glob.glob(pattern))
-             if os.path.exists(p)]
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    paths = [p for p in sorted({p if p.endswith(".json") else os.path.join(p, "results.json")
+                                for pat in patterns for p in glob.glob(pat)}) if os.path.exists(p)]
     runs = [read_results(p) for p in paths]
     if not runs:
-        raise SystemExit(f"--aggregate {pattern!r}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
+        raise SystemExit(f"--aggregate {' '.join(map(repr, patterns))}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
     old = [p for p, r in zip(paths, runs) if r.get("metrics") and not all(r.get("diagonal_fresh") or [None])]
     if old:
         print(f"({', '.join(old)}: c_kk is its curve's best point (a record from before diagonal_fresh), biased "

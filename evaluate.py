@@ -459,7 +459,8 @@ def main(argv=None):
     p.add_argument("--low-eval-noise", action="store_true",
                    help="LIBERO's GMMHead option: act with the drawn mode's mean (min std), not a full sample")
     p.add_argument("--video-dir", help="write an MP4 of every episode here")
-    p.add_argument("--aggregate", metavar="GLOB", help="print the paper-style table of these runs (e.g. 'runs/*')")
+    p.add_argument("--aggregate", metavar="GLOB", nargs="+", help="print the paper-style table of these runs (e.g. "
+                   "'runs/*'; several globs: their union)")
     p.add_argument("--png", help="--aggregate: also draw the metrics and mean matrices here")
     args = p.parse_args(argv)
     if args.png and os.path.isdir(args.png):

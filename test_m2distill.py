@@ -754,6 +754,8 @@ def test_aggregate_compares_runs_on_the_tasks_all_of_them_finished(tmp_path, cap
     assert seq["auc"][0] == pytest.approx(evaluate.lifelong_metrics(full[:2], [0.5, 0.6])["auc"])
     assert seq["nbt"][0] == pytest.approx(0.8 - 0.2) and seq["episodes"].shape == (2, 2)
     assert seq["task_ids"] == [8, 1] and "first 2 task(s), [8, 1]" in capsys.readouterr().out
+    both = evaluate.main(["--aggregate", str(tmp_path / "seq.json"), str(tmp_path / "*.json")])  # several globs:
+    assert set(both) == {"sequential", "er"} and both["sequential"]["seeds"] == [1]  # their union, seq.json once
     write("er", "er", full[:2], [0.5, 0.6], [8, 4])  # another order: not comparable
     with pytest.raises(SystemExit, match="same task order"):
         aggregate.aggregate(str(tmp_path / "*.json"))
