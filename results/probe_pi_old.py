@@ -1,4 +1,4 @@
-"""Why M2Distill does not learn LIBERO-Goal task 1 after task 8 (README, "The comparison so far"): three probes of
+"""Why M2Distill does not learn LIBERO-Goal task 1 after task 8 (README, "The comparison"): four probes of
 a checkpoint that has learnt task 1 (or a run's progress.pt, mid-task), against pi_old (the task-8 checkpoint every
 run starts from).
 
