@@ -157,7 +157,8 @@ def aggregate(pattern, png=None):
                                 for pat in patterns for p in glob.glob(pat)}) if os.path.exists(p)]
     runs = [read_results(p) for p in paths]
     if not runs:
-        raise SystemExit(f"--aggregate {' '.join(map(repr, patterns))}: no results.json there; give a glob of run folders, e.g. 'runs/*'.")
+        raise SystemExit(f"--aggregate {' '.join(map(repr, patterns))}: no results.json there; give a glob of run "
+                         "folders, e.g. 'runs/*'.")
     old = [p for p, r in zip(paths, runs) if r.get("metrics") and not all(r.get("diagonal_fresh") or [None])]
     if old:
         print(f"({', '.join(old)}: c_kk is its curve's best point (a record from before diagonal_fresh), biased "

@@ -408,8 +408,9 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     """LIBERO's learn_one_task for the j-th task of the run: fresh AdamW + cosine schedule, epochs 1..E, rollouts of
     the task at epochs 0, eval_every, ..., the best checkpoint (ties: the later) loaded at the end. Every epoch the
     whole training state goes to <out>/progress.pt: a run killed mid-task resumes after its last finished epoch and
-    ends exactly as an uninterrupted one; SystemExit if progress.pt is damaged or from a run with other flags (a
-    --first-task-from run writes results.json only after its second task, so progress.pt carries the flags).
+    ends exactly as an uninterrupted one; SystemExit if progress.pt is damaged, from a run with other flags (a
+    --first-task-from run writes results.json only after its second task, so progress.pt carries the flags) or
+    from other training demos (data.demos_sha1).
     Returns the success curve, FWT_k, the episodes of each curve point and the gripper fit of every epoch 1..E:
     [W_open / open steps, W_closed / closed steps] (gripper_wrong_weight) over the batches the epoch trained on
     (None: no such step)."""
@@ -421,7 +422,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
     torch.manual_seed(args.seed * 1000 + j)  # augmentation, dropout, KL samples: one stream per task
     st = {"task": j, "epoch": -1, "curve": [], "curve_episodes": [], "best": -1.0, "best_state": None, "best_idx": 0,
           "gripper": []}
-    progress = os.path.join(args.out, "progress.pt")
+    progress, sha1 = os.path.join(args.out, "progress.pt"), data.demos_sha1(train)
     base = {k_: res["seconds"].get(k_, 0) for k_ in ("train", "eval")}  # this task's seconds: res's minus these
     if os.path.exists(progress):
         try:
@@ -435,6 +436,9 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
             if other:
                 raise SystemExit(f"{progress} is task {k} of a run with other flags ({other}); pass another "
                                  f"--out, or delete it to learn task {k} again with these flags.")
+            if saved.get("demos_sha1", sha1) != sha1:  # None: a progress.pt from before the field
+                raise SystemExit(f"--data-dir {args.data_dir}: {progress} learnt task {k} from other demos (actions "
+                                 f"sha1 {saved['demos_sha1']} there, {sha1} here); pass the data it was trained on.")
             for name, obj in (("policy", policy), ("opt", opt), ("sched", sched)):
                 obj.load_state_dict(saved[name])
             g.set_state(saved["g"])
@@ -476,6 +480,7 @@ def learn_task(policy, old, train, memory, task_embs, args, j, evaluate, res):
         save_torch({**st, "policy": policy.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "g": g.get_state(), "rng": torch.get_rng_state(),
                     "task_seconds": {k_: res["seconds"].get(k_, 0) - v for k_, v in base.items()}, "run": res["run"],
+                    "demos_sha1": sha1,
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, progress)
     policy.load_state_dict(st["best_state"])
     curve, b = st["curve"], st["best_idx"]

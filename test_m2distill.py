@@ -2101,7 +2101,13 @@ def test_a_progress_file_of_a_run_with_other_flags_stops_the_resume(suite_dir, t
     with pytest.raises(SystemExit, match=f"^{progress} is task 1 of a run with other flags \\(lambda_policy \\S+ there, \\S+ here\\)"):
         m2distill.run(args(lambda_policy=1.0))
     assert os.path.exists(progress)  # nothing lost
-    assert len(m2distill.run(args(lambda_policy=0.1))["tasks"]) == 2  # the same flags resume
+    saved = torch.load(progress, weights_only=True)
+    torch.save({**saved, "demos_sha1": "0" * 12}, progress)  # trained on other demos than --data-dir holds now
+    with pytest.raises(SystemExit, match=f"^--data-dir {suite_dir}: {progress} learnt task 1 from other demos "
+                                         f"\\(actions sha1 000000000000 there, {saved['demos_sha1']} here\\)"):
+        m2distill.run(args(lambda_policy=0.1))
+    torch.save(saved, progress)
+    assert len(m2distill.run(args(lambda_policy=0.1))["tasks"]) == 2  # the same flags and demos resume
 
 
 def test_a_first_task_progress_file_resumes_under_another_algorithm_but_not_other_task_flags(suite_dir, tmp_path,
