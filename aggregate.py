@@ -143,8 +143,8 @@ def aggregate(pattern, png=None):
     """The paper-style table from many runs' results.json (`pattern`: a glob of run folders or files, or a list of
     them; a file that several match is read once).
 
-    Runs with the same flags (those that act, acts) and demos (run["data"], from each task's data.demos_sha1; None
-    for a record from before it) but the seed form one group (label: the algorithm and the flags that differ between
+    Runs with the same flags (those that act, acts) and demos (run["data"], from each task's data.demos_sha1; a
+    record from before it joins the one set of demos its flags ran on, said in a line) but the seed form one group (label: the algorithm and the flags that differ between
     groups, each named only in the groups that differ from the value most groups share, printed once). Per group:
     FWT, NBT, AUC as mean and 95% t-interval over seeds (one seed: the interval of its episodes, episode_intervals;
     g["metrics_over"] says which); the success matrix pooled over seeds (successes / episodes) with a Wilson interval
@@ -168,6 +168,20 @@ def aggregate(pattern, png=None):
         shas = [(d or {}).get("sha1") for d in r.get("demos") or []]  # group; None: a record from before sha1
         known = len(shas) == len(r["success"]) and None not in shas
         r["run"]["data"] = hashlib.sha1(" ".join(shas).encode()).hexdigest()[:8] if known else None
+    same_flags = lambda run: json.dumps({k: v for k, v in run.items() if k not in ("seed", "data") and acts(run, k)},
+                                        sort_keys=True)
+    seen_data = {}  # flags -> the demos their recorded runs learnt from
+    for r in runs:
+        seen_data.setdefault(same_flags(r["run"]), set()).add(r["run"]["data"])
+    joined = []
+    for p, r in zip(paths, runs):  # a record from before the sha1 joins the one set of demos its flags were run on
+        known = seen_data[same_flags(r["run"])] - {None}
+        if r["run"]["data"] is None and len(known) == 1:
+            r["run"]["data"] = next(iter(known))
+            joined.append(p)
+    if joined:
+        print(f"({', '.join(joined)}: recorded before the demos' sha1; grouped with the runs of the same flags, "
+              "assumed to be on the same demos)")
     keys = sorted({k for r in runs for k in r["run"] if k != "seed"})
     varying = [k for k in keys if len({json.dumps(r["run"].get(k)) for r in runs if acts(r["run"], k)}) > 1
                and k != "algo"]

@@ -1301,7 +1301,8 @@ def test_a_record_from_before_a_flag_reads_with_the_value_it_ran_with(finished_r
     assert list(groups) == ["sequential"] and sorted(groups["sequential"]["seeds"]) == [1, 10000]  # no label it never had
 
 
-def test_a_run_is_tied_to_its_demos_on_resume_first_task_from_and_in_the_aggregate(finished_run, suite_dir, tmp_path):
+def test_a_run_is_tied_to_its_demos_on_resume_first_task_from_and_in_the_aggregate(finished_run, suite_dir, tmp_path,
+                                                                                    capsys):
     """Each task's record names its demos (data.demos_sha1): resuming, or starting from another run's first task,
     with other demos stops in one line naming --data-dir; --aggregate keeps runs on other demos apart."""
     out = copy_run(finished_run, tmp_path)
@@ -1328,6 +1329,11 @@ def test_a_run_is_tied_to_its_demos_on_resume_first_task_from_and_in_the_aggrega
     rec["demos"][1]["sha1"] = "0" * 12  # seed 1 learnt task 1 from other demos: not a seed of the same group
     json.dump(rec, open(tmp_path / "seed1.json", "w"))
     assert len(aggregate.aggregate(str(tmp_path / "seed*.json"))) == 2
+    del rec["demos"][1]["sha1"]  # a record from before the sha1 beside one with it: a seed of the same flags
+    json.dump(rec, open(tmp_path / "seed1.json", "w"))
+    capsys.readouterr()
+    assert aggregate.aggregate(str(tmp_path / "seed*.json"))["sequential"]["seeds"] == [10000, 1]
+    assert "seed1.json: recorded before the demos' sha1; grouped with the runs of the same flags" in capsys.readouterr().out
 
 
 def garbage(path):
