@@ -200,7 +200,7 @@ def aggregate(pattern, png=None):
     for p, r in zip(paths, runs):
         label = " ".join([r["run"]["algo"]] + [f"{k}={r['run'].get(k)}" for k in varying if acts(r["run"], k)
                                                and value(r["run"], k) != shared.get(k)])
-        twin = seen.setdefault(json.dumps({k: v for k, v in r["run"].items() if acts(r["run"], k)}, sort_keys=True), p)
+        twin = seen.setdefault((same_flags(r["run"]), r["run"].get("seed"), r["run"]["data"]), p)
         if twin != p:  # a copy, or a rerun into another --out: not a second seed
             raise SystemExit(f"--aggregate: {twin} and {p} are runs with the same flags (those that act) and seed "
                              f"({r['run']['seed']}), which would count as two seeds; keep one of them in the glob.")
